@@ -1,0 +1,1 @@
+"""nemo-ft: fine-tuning pipeline for LLMs on NVIDIA NeMo/Megatron."""

@@ -1,0 +1,1 @@
+"""Stage entry points: each one a Hydra app, config in, artifacts out."""
