@@ -19,3 +19,8 @@ def _repo_path(rel: str) -> str:
 # ${repo:data/x} -> absolute path inside the checkout, so configs work from any cwd.
 if not OmegaConf.has_resolver("repo"):
     OmegaConf.register_new_resolver("repo", _repo_path)
+
+
+# NeMo's hydra_runner registers this one; our stages use hydra.main directly.
+if not OmegaConf.has_resolver("multiply"):
+    OmegaConf.register_new_resolver("multiply", lambda x, y: x * y, replace=True)

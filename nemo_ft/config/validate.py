@@ -1,0 +1,230 @@
+"""Checks on a composed stage config, run before any model is built or any GPU time is spent.
+
+Each check returns ConfigErrors that name the key, say what was expected and how to fix it; the
+stage prints them all at once and exits with status 2. Pure Python: no NeMo, no torch.
+"""
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+from typing import Iterable
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from nemo_ft.config import ConfigError
+
+PEFT_SCHEMES = ("lora", "qlora", "ia3", "adapter", "ptuning", "selective", "none")
+LORA_TARGETS = ("attention_qkv", "attention_dense", "mlp_fc1", "mlp_fc2", "attention", "mlp", "all")
+# Keys of a model profile (conf/model/*.yaml) that describe the architecture of the checkpoint.
+ARCH_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+             "kv_channels", "normalization", "activation", "position_embedding_type", "bias",
+             "share_embeddings_and_output_weights")
+# Our own keys in the model profile that NeMo does not know: kept out of the config handed to NeMo.
+PROFILE_ONLY_KEYS = ("vocab_size",)
+
+
+def _int(cfg, key, default=None):
+    value = OmegaConf.select(cfg, key, default=default)
+    return None if value is None else int(value)
+
+
+def world_size(cfg) -> int:
+    return int(OmegaConf.select(cfg, "trainer.devices", default=1)) * int(OmegaConf.select(cfg, "trainer.num_nodes", default=1))
+
+
+def read_nemo_config(path: str | Path) -> dict:
+    """model_config.yaml of a .nemo (a tar, maybe gzipped) or of an unpacked .nemo directory."""
+    path = Path(path)
+    if path.is_dir():
+        return yaml.safe_load((path / "model_config.yaml").read_text())
+    with tarfile.open(path, "r:*") as tar:
+        for member in tar.getmembers():
+            if Path(member.name).name == "model_config.yaml":
+                return yaml.safe_load(tar.extractfile(member).read())
+    raise ConfigError("model.restore_from_path", f"{path} is not a .nemo: it has no model_config.yaml")
+
+
+def _files(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (str, Path)):
+        return [str(value)]
+    return [str(v) for v in value]
+
+
+def check_parallel(cfg) -> Iterable[ConfigError]:
+    tp = _int(cfg, "model.tensor_model_parallel_size", 1)
+    pp = _int(cfg, "model.pipeline_model_parallel_size", 1)
+    world = world_size(cfg)
+    if tp < 1 or pp < 1:
+        yield ConfigError("model.tensor_model_parallel_size", f"TP={tp} and PP={pp} must both be >= 1")
+        return
+    if world % (tp * pp):
+        yield ConfigError("model.tensor_model_parallel_size",
+                          f"TP={tp} x PP={pp} = {tp * pp} does not divide the world size {world} "
+                          f"(trainer.devices x trainer.num_nodes); set trainer.devices to a multiple of {tp * pp}")
+        return
+    heads = _int(cfg, "model.num_attention_heads")
+    if heads is not None and heads % tp:
+        yield ConfigError("model.tensor_model_parallel_size",
+                          f"TP={tp} does not divide num_attention_heads={heads}; use a TP that divides {heads}")
+    groups = _int(cfg, "model.num_query_groups")
+    if groups is not None and groups % tp:
+        yield ConfigError("model.tensor_model_parallel_size",
+                          f"TP={tp} does not divide num_query_groups={groups} (GQA key/value heads); "
+                          f"use a TP that divides {groups}")
+    layers = _int(cfg, "model.num_layers")
+    if layers is not None and layers % pp:
+        yield ConfigError("model.pipeline_model_parallel_size",
+                          f"PP={pp} does not divide num_layers={layers}; use a PP that divides {layers}")
+    if OmegaConf.select(cfg, "model.sequence_parallel", default=False) and tp == 1:
+        yield ConfigError("model.sequence_parallel", "sequence parallelism needs TP > 1; set it to false")
+    dp = world // (tp * pp)
+    mbs = _int(cfg, "model.micro_batch_size", 1)
+    gbs = _int(cfg, "model.global_batch_size", mbs)
+    if mbs < 1 or gbs % (mbs * dp):
+        yield ConfigError("model.global_batch_size",
+                          f"global_batch_size={gbs} must be a multiple of micro_batch_size x data_parallel "
+                          f"= {mbs} x {dp} = {mbs * dp}")
+
+
+def check_peft(cfg) -> Iterable[ConfigError]:
+    scheme = str(OmegaConf.select(cfg, "model.peft.peft_scheme", default="none"))
+    schemes = [s.strip() for s in scheme.split(",")]
+    for s in schemes:
+        if s not in PEFT_SCHEMES:
+            yield ConfigError("model.peft.peft_scheme", f"unknown scheme {s!r}; expected one of {', '.join(PEFT_SCHEMES)}")
+    optim = OmegaConf.select(cfg, "model.optim.name", default=None)
+    if scheme != "none" and optim in ("distributed_fused_adam", "mcore_distributed_optim"):
+        yield ConfigError("model.optim.name",
+                          f"{optim} shards the whole model's optimizer state and NeMo refuses it with PEFT; "
+                          "use model.optim.name=fused_adam (GPU, apex) or adam")
+    if "lora" in schemes or "qlora" in schemes:
+        dim = _int(cfg, "model.peft.lora_tuning.adapter_dim", 0)
+        if dim < 1:
+            yield ConfigError("model.peft.lora_tuning.adapter_dim", f"must be a positive rank, got {dim}")
+        targets = OmegaConf.select(cfg, "model.peft.lora_tuning.target_modules", default=None) or []
+        bad = [t for t in targets if t not in LORA_TARGETS]
+        if bad or not targets:
+            yield ConfigError("model.peft.lora_tuning.target_modules",
+                              f"{bad or 'empty'} not valid; expected some of {', '.join(LORA_TARGETS)}")
+        if "mlp_fc1" in targets or "mlp" in targets or "all" in targets:
+            act = OmegaConf.select(cfg, "model.activation", default=None)
+            if act in ("swiglu", "geglu", "reglu"):
+                yield ConfigError("model.activation",
+                                  f"LoRA on mlp_fc1 with activation={act} crashes in NeMo (it doubles the fc1 "
+                                  f"adapter width only for fast-* activations); use fast-{act}")
+
+
+def check_data(cfg) -> Iterable[ConfigError]:
+    packed = OmegaConf.select(cfg, "model.data.train_ds.packed_sequence", default=False)
+    if packed and _int(cfg, "model.micro_batch_size", 1) != 1:
+        yield ConfigError("model.micro_batch_size",
+                          "packed sequences need micro_batch_size=1 (each pack already holds many examples)")
+    for split, required in (("train_ds", True), ("validation_ds", True), ("test_ds", False)):
+        key = f"model.data.{split}.file_names"
+        if OmegaConf.is_missing(cfg, key):
+            yield ConfigError(key, "is required: a list of JSONL files (e.g. the train.jsonl written by `nemo-ft prep`)")
+            continue
+        files = _files(OmegaConf.select(cfg, key, default=None))
+        if required and not files:
+            yield ConfigError(key, "is empty: give at least one JSONL file")
+        for f in files:
+            if not Path(f).exists():
+                yield ConfigError(key, f"file not found: {f}")
+    probs = OmegaConf.select(cfg, "model.data.train_ds.concat_sampling_probabilities", default=None)
+    train_files = [] if OmegaConf.is_missing(cfg, "model.data.train_ds.file_names") else \
+        _files(OmegaConf.select(cfg, "model.data.train_ds.file_names", default=None))
+    if probs is not None and train_files:
+        if len(probs) != len(train_files):
+            yield ConfigError("model.data.train_ds.concat_sampling_probabilities",
+                              f"{len(probs)} probabilities for {len(train_files)} train files; give one per file")
+        elif abs(sum(float(p) for p in probs) - 1.0) > 1e-6:
+            yield ConfigError("model.data.train_ds.concat_sampling_probabilities",
+                              f"must sum to 1, got {sum(float(p) for p in probs):g}")
+    template = OmegaConf.select(cfg, "model.data.train_ds.prompt_template", default=None)
+    label = OmegaConf.select(cfg, "model.data.train_ds.label_key", default="output")
+    if template and not str(template).rstrip().endswith("{" + str(label) + "}"):
+        yield ConfigError("model.data.train_ds.prompt_template",
+                          f"{template!r} must end with the label {{{label}}} (NeMo trains on what follows the prompt)")
+    seq = _int(cfg, "model.data.train_ds.max_seq_length")
+    max_pos = _int(cfg, "model.max_position_embeddings")
+    if seq is not None and max_pos is not None and seq > max_pos:
+        yield ConfigError("model.data.train_ds.max_seq_length",
+                          f"{seq} exceeds the model's max_position_embeddings={max_pos}")
+
+
+def check_restore(cfg) -> Iterable[ConfigError]:
+    key = "model.restore_from_path"
+    if OmegaConf.is_missing(cfg, key) or not OmegaConf.select(cfg, key):
+        yield ConfigError(key, "is required: the base model .nemo to fine-tune")
+        return
+    path = Path(OmegaConf.select(cfg, key))
+    if not path.exists():
+        yield ConfigError(key, f"file not found: {path}")
+        return
+    try:
+        base = read_nemo_config(path)
+    except (tarfile.TarError, OSError, yaml.YAMLError) as err:
+        yield ConfigError(key, f"{path} could not be read as a .nemo: {err}")
+        return
+    except ConfigError as err:
+        yield err
+        return
+    if OmegaConf.select(cfg, "run.check_arch", default=True):
+        for k in ARCH_KEYS:
+            want = OmegaConf.select(cfg, f"model.{k}", default=None)
+            have = base.get(k)
+            if want is not None and have is not None and want != have:
+                yield ConfigError(f"model.{k}",
+                                  f"the model profile says {want!r} but {path.name} was built with {have!r}; "
+                                  "pick the matching model=<profile> (or run.check_arch=false)")
+    # NeMo's mcore .nemo checkpoints (a model_weights/ directory) reshard on load; the legacy per-rank
+    # layout (mp_rank_XX/model_weights.ckpt) only restores at the TP/PP it was saved with.
+    saved_tp = int(base.get("tensor_model_parallel_size", 1) or 1)
+    saved_pp = int(base.get("pipeline_model_parallel_size", 1) or 1)
+    tp = _int(cfg, "model.tensor_model_parallel_size", 1)
+    pp = _int(cfg, "model.pipeline_model_parallel_size", 1)
+    if (saved_tp, saved_pp) != (tp, pp) and _is_legacy_sharded(path):
+        yield ConfigError("model.tensor_model_parallel_size",
+                          f"{path.name} holds legacy per-rank weights saved at TP={saved_tp} PP={saved_pp}, which "
+                          f"NeMo cannot load at TP={tp} PP={pp}; reshard it first "
+                          f"(`nemo-ft export` writes TP=1) or request TP={saved_tp} PP={saved_pp}")
+
+
+def _is_legacy_sharded(path: Path) -> bool:
+    names = [p.name for p in path.iterdir()] if path.is_dir() else [Path(m).parts[-2] if len(Path(m).parts) > 1 else m
+                                                                      for m in tarfile.open(path, "r:*").getnames()]
+    return any(n.startswith("mp_rank_") or n.startswith("tp_rank_") for n in names)
+
+
+def fill_defaults(cfg: DictConfig) -> list[str]:
+    """Fill what NeMo insists on but can be derived; returns notes on what was changed."""
+    notes = []
+    # Lightning refuses val_check_interval > the number of training batches (= max_steps here).
+    vci, max_steps = OmegaConf.select(cfg, "trainer.val_check_interval"), OmegaConf.select(cfg, "trainer.max_steps")
+    if isinstance(vci, int) and isinstance(max_steps, int) and 0 < max_steps < vci:
+        cfg.trainer.val_check_interval = max_steps
+        notes.append(f"trainer.val_check_interval {vci} -> {max_steps} (= trainer.max_steps)")
+    # NeMo insists on concat_sampling_probabilities even for one file; default to equal shares.
+    ds = OmegaConf.select(cfg, "model.data.train_ds")
+    if ds is not None and ds.get("concat_sampling_probabilities") is None and not OmegaConf.is_missing(ds, "file_names"):
+        n = len(_files(ds.file_names))
+        if n:
+            ds.concat_sampling_probabilities = [1.0 / n] * n
+    return notes
+
+
+def validate_sft(cfg: DictConfig) -> list[ConfigError]:
+    errors: list[ConfigError] = []
+    for check in (check_restore, check_parallel, check_peft, check_data):
+        errors.extend(check(cfg))
+    return errors
+
+
+def format_errors(stage: str, errors: list[ConfigError]) -> str:
+    lines = [f"nemo-ft {stage}: {len(errors)} config error{'s' if len(errors) > 1 else ''}, nothing was started:"]
+    lines += [f"  - {e}" for e in errors]
+    return "\n".join(lines)
+

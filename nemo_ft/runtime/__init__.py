@@ -1,0 +1,100 @@
+"""The only place where nemo-ft bends NeMo: bug fixes, the CPU path, and distributed start-up.
+
+`prepare(cfg)` is called by every NeMo stage before anything is built:
+1. apply the NeMo/megatron-core bug fixes (GPU and CPU alike, each only where the bug is present);
+2. on a CPU run, apply the CPU patches (see patches.py; facts in ../shared/NEMO_CPU.md);
+3. start torch.distributed and megatron-core's model-parallel groups *before* NeMo builds the
+   model: megatron-core 0.13 reads the groups while constructing attention, but NeMo only creates
+   them later, inside the trainer. NeMo then skips its own group setup, so we fill its AppState.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+from nemo_ft.runtime import patches
+
+
+@dataclass
+class Runtime:
+    cuda: bool
+    rank: int
+    local_rank: int
+    world_size: int
+    tp: int
+    pp: int
+    backend: str
+
+
+def wants_cuda(cfg) -> bool:
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda"):
+        return True
+    if accelerator == "auto":
+        import torch
+        return torch.cuda.is_available()
+    return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(tp: int, pp: int, cuda: bool) -> Runtime:
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if cuda else "gloo"
+    if not dist.is_initialized():
+        # A single process gets a loopback rendezvous of its own; Lightning reuses the group.
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend, rank=rank, world_size=world)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    return Runtime(cuda=cuda, rank=rank, local_rank=local_rank, world_size=world, tp=tp, pp=pp, backend=backend)
+
+
+def sync_app_state() -> None:
+    """Fill the AppState fields NeMo would have set in its own group setup (which we pre-empted).
+
+    Without them a TP=2 adapter save writes no file and the restore fails (NEMO_CPU.md).
+    """
+    from megatron.core import parallel_state
+    from nemo.utils import AppState
+
+    app = AppState()
+    app.tensor_model_parallel_group = parallel_state.get_tensor_model_parallel_group()
+    app.pipeline_model_parallel_group = parallel_state.get_pipeline_model_parallel_group()
+    app.data_parallel_group = parallel_state.get_data_parallel_group()
+    app.data_parallel_rank = parallel_state.get_data_parallel_rank()
+    app.data_parallel_size = parallel_state.get_data_parallel_world_size()
+    app.tensor_model_parallel_rank = parallel_state.get_tensor_model_parallel_rank()
+    app.pipeline_model_parallel_rank = parallel_state.get_pipeline_model_parallel_rank()
+    app.tensor_model_parallel_size = parallel_state.get_tensor_model_parallel_world_size()
+    app.pipeline_model_parallel_size = parallel_state.get_pipeline_model_parallel_world_size()
+    app.model_parallel_size = app.tensor_model_parallel_size * app.pipeline_model_parallel_size
+
+
+def prepare(cfg) -> Runtime:
+    cuda = wants_cuda(cfg)
+    if cuda:
+        import torch
+        if not torch.cuda.is_available():
+            raise RuntimeError("trainer.accelerator asks for a GPU but torch sees no CUDA device; "
+                               "use parallel=cpu for a CPU run")
+    os.environ.setdefault("NVIDIA_PYTORCH_VERSION", "24.07")  # read at import time by nemo.lightning too
+    patches.apply(patches.NEMO_FIXES)
+    if not cuda:
+        patches.apply(patches.CPU_PATCHES)
+    return init_distributed(int(cfg.model.get("tensor_model_parallel_size", 1)),
+                            int(cfg.model.get("pipeline_model_parallel_size", 1)), cuda)

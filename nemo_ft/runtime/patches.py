@@ -1,0 +1,325 @@
+"""Every change nemo-ft makes to NeMo, megatron-core or torch, declared in one list.
+
+Two kinds:
+- NEMO_FIXES: bugs of nemo_toolkit 2.4.1 + megatron-core 0.13.1 that bite on a GPU too (the NGC
+  container included); applied everywhere, each only where the bug is present.
+- CPU_PATCHES: what NeMo needs to run its real training path on a CPU (gloo, fp32); applied only
+  when no CUDA device is used.
+
+Each Patch names its target by dotted path; tests/test_runtime_patches.py resolves every target in
+the installed stack, so an upgrade that renames or removes one fails loudly instead of silently
+leaving a patch that no longer does anything. The facts behind each patch are in
+../shared/NEMO_CPU.md.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Patch:
+    target: str  # "package.module:attr" or "package.module:Class.attr"
+    why: str
+    make: Callable[[Any], Any]  # original -> replacement
+    # Applied only when this returns True (checked at apply time); default always.
+    when: Callable[[], bool] = lambda: True
+    # The bug is the attribute's absence (a name NeMo uses but never defines without apex).
+    missing_ok: bool = False
+
+    def resolve(self):
+        """(owner object, attribute name, current value). Raises if the target is gone."""
+        module_name, _, attr_path = self.target.partition(":")
+        owner = importlib.import_module(module_name)
+        *parents, attr = attr_path.split(".")
+        for name in parents:
+            owner = getattr(owner, name)
+        if self.missing_ok:
+            return owner, attr, getattr(owner, attr, None)
+        return owner, attr, getattr(owner, attr)
+
+
+_APPLIED: dict[str, Any] = {}  # target -> original, so apply is idempotent and reversible in tests
+
+
+def apply(patches) -> list[str]:
+    done = []
+    for patch in patches:
+        if patch.target in _APPLIED or not patch.when():
+            continue
+        owner, attr, original = patch.resolve()
+        _APPLIED[patch.target] = (owner, attr, original)
+        setattr(owner, attr, patch.make(original))
+        done.append(patch.target)
+    return done
+
+
+def applied() -> list[str]:
+    return list(_APPLIED)
+
+
+# --------------------------------------------------------------------------- NeMo bugs (GPU too)
+
+def _have(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+        return True
+    except Exception:  # TE/apex can fail at import with much more than ImportError
+        return False
+
+
+def _have_apex() -> bool:
+    return _have("apex.transformer") and _have("amp_C")
+
+
+def _lora_attention_forward(original):
+    # megatron-core 0.13 calls self_attention(..., inference_context=...) and passes
+    # rotary_pos_cos/sin positionally in a new order; NeMo's mixin still takes inference_params.
+    def forward(self, hidden_states, attention_mask, key_value_states=None, inference_context=None,
+                rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None, attention_bias=None,
+                packed_seq_params=None, sequence_len_offset=None, *, inference_params=None):
+        return original(self, hidden_states, attention_mask, key_value_states=key_value_states,
+                        inference_params=inference_context if inference_context is not None else inference_params,
+                        rotary_pos_emb=rotary_pos_emb, packed_seq_params=packed_seq_params,
+                        rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
+                        attention_bias=attention_bias, sequence_len_offset=sequence_len_offset)
+    return forward
+
+
+def _adjust_kv_five(original):
+    # megatron-core 0.13 returns 6 values (adds block_table); NeMo's mixin unpacks 5. The sixth is
+    # None outside paged inference, which the LoRA training path never uses.
+    def adjust(self, *args, **kwargs):
+        return tuple(original(self, *args, **kwargs))[:5]
+    return adjust
+
+
+def _local_spec_without_te(original):
+    # get_specs builds every spec eagerly, including the Transformer Engine one, so asking for the
+    # local spec without TE raises NameError: TESpecProvider. Build only what was asked for.
+    def get_specs(spec_name, transformer_config=None, use_te=True, hyena_cfg=None, fp8=False):
+        if spec_name == "" and not use_te:
+            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+            num_experts = transformer_config.num_moe_experts if transformer_config else None
+            grouped = transformer_config.moe_grouped_gemm if transformer_config else False
+            return get_gpt_layer_local_spec(num_experts, grouped)
+        return original(spec_name, transformer_config, use_te, hyena_cfg, fp8)
+    return get_specs
+
+
+def _mcore_tp_attribute_defaults(_missing):
+    # build_model imports this helper from apex only; megatron-core ships the same function.
+    from megatron.core.tensor_parallel.layers import set_defaults_if_not_set_tensor_model_parallel_attributes
+    return set_defaults_if_not_set_tensor_model_parallel_attributes
+
+
+def _listify_model(_missing):
+    # Full-parameter training's weight-decay grouping calls apex's listify_model (NameError
+    # without apex); it only wraps a single module in a list.
+    def listify_model(model):
+        return model if isinstance(model, list) else [model]
+    return listify_model
+
+
+def _torch_norm(kind):
+    # Weight-decay grouping exempts apex's norm classes by isinstance (NameError without apex);
+    # megatron-core's local spec builds torch norms instead, which are what must be exempted.
+    def make(_missing):
+        import torch
+        return torch.nn.RMSNorm if kind == "rms" else torch.nn.LayerNorm
+    return make
+
+
+def _nemo_version_default(original):
+    # NeMo parses NVIDIA_PYTORCH_VERSION unguarded outside the NGC container (TypeError on None).
+    def enable(self, *args, **kwargs):
+        os.environ.setdefault("NVIDIA_PYTORCH_VERSION", "24.07")
+        return original(self, *args, **kwargs)
+    return enable
+
+
+def _torch_clip_grad_norm(_original):
+    # NeMo's clipper needs apex's multi_tensor_applier. Same semantics in plain torch: the norm of
+    # the whole model's gradient, so each rank's partial sum is reduced over the model-parallel
+    # group (TP and PP); duplicated (non-TP-split) parameters count once, as in Megatron.
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    @torch.no_grad()
+    def clip_grad_norm_fp32(parameters, max_norm, norm_type=2, use_fsdp=False):
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        params = [p for p in parameters if p.grad is not None]
+        counted = [p.grad.detach().float() for p in params
+                   if not getattr(p, "shared", False) and param_is_not_tensor_parallel_duplicate(p)]
+        total = torch.zeros(1, dtype=torch.float32, device=params[0].grad.device if params else "cpu")
+        for g in counted:
+            total += g.norm(2) ** 2
+        if parallel_state.model_parallel_is_initialized():
+            torch.distributed.all_reduce(total, group=parallel_state.get_model_parallel_group())
+        norm = total.sqrt().item()
+        coef = float(max_norm) / (norm + 1.0e-6)
+        if coef < 1.0:
+            for p in params:
+                p.grad.detach().mul_(coef)
+        return norm
+    return clip_grad_norm_fp32
+
+
+NEMO_FIXES = [
+    Patch("nemo.collections.nlp.modules.common.megatron.adapters.mcore_mixins:MCoreSelfAttentionMixin.forward",
+          "LoRA attention mixin predates megatron-core 0.13's inference_context keyword",
+          _lora_attention_forward),
+    Patch("nemo.collections.nlp.modules.common.megatron.adapters.mcore_mixins:"
+          "MCoreSelfAttentionMixin._adjust_key_value_for_inference",
+          "megatron-core 0.13 returns 6 values, NeMo's LoRA mixin unpacks 5",
+          _adjust_kv_five),
+    Patch("nemo.collections.nlp.models.language_modeling.megatron_gpt_model:get_specs",
+          "get_specs builds the TE spec eagerly (NameError without Transformer Engine)",
+          _local_spec_without_te, when=lambda: not _have("transformer_engine")),
+    Patch("nemo.collections.nlp.modules.common.megatron.build_model:set_defaults_if_not_set_tensor_model_parallel_attributes",
+          "build_model imports this only from apex (NameError without apex)",
+          _mcore_tp_attribute_defaults, when=lambda: not _have_apex(), missing_ok=True),
+    Patch("nemo.collections.nlp.modules.common.megatron.utils:listify_model",
+          "weight-decay param groups (full fine-tuning) use apex's listify_model (NameError without apex)",
+          _listify_model, when=lambda: not _have_apex(), missing_ok=True),
+    *[Patch(f"nemo.collections.nlp.modules.common.megatron.utils:{name}",
+            "weight-decay param groups (full fine-tuning) exempt apex norms by class (NameError without apex)",
+            _torch_norm(kind), when=lambda: not _have_apex(), missing_ok=True)
+      for name, kind in (("FusedLayerNorm", "ln"), ("FastLayerNorm", "ln"), ("MixedFusedRMSNorm", "rms"))],
+    Patch("nemo.collections.nlp.models.language_modeling.megatron_base_model:MegatronBaseModel._enable_nvidia_optimizations",
+          "NVIDIA_PYTORCH_VERSION unset -> TypeError outside the NGC container",
+          _nemo_version_default),
+    Patch("nemo.collections.nlp.parts.nlp_overrides:HAVE_APEX",
+          "the Megatron strategy refuses to start without apex, though the PEFT path never uses it",
+          lambda _orig: True, when=lambda: not _have_apex()),
+    Patch("nemo.collections.nlp.models.language_modeling.megatron_base_model:clip_grad_norm_fp32",
+          "NeMo's gradient clipper needs apex's multi_tensor_applier",
+          _torch_clip_grad_norm, when=lambda: not _have_apex()),
+]
+
+
+# --------------------------------------------------------------------------- CPU only
+
+def _cpu_device(_original):
+    import torch
+    return lambda *a, **k: torch.device("cpu")
+
+
+def _noop(_original):
+    return lambda *a, **k: None
+
+
+def _identity_cuda(_original):
+    # Tensor.cuda / Module.cuda keep tensors where they are (on the CPU).
+    def cuda(self, *args, **kwargs):
+        return self
+    return cuda
+
+
+class _NullStream:
+    def __init__(self, *a, **k):
+        pass
+
+    def wait_stream(self, *a, **k):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _cpu_rng_get(_original):
+    import torch
+    return lambda *a, **k: torch.get_rng_state()
+
+
+def _cpu_rng_set(_original):
+    import torch
+
+    def set_state(new_state, *args, **kwargs):
+        torch.set_rng_state(new_state)
+    return set_state
+
+
+def _cpu_manual_seed(_original):
+    import torch
+
+    def manual_seed(seed, *a, **k):
+        torch.manual_seed(seed)
+    return manual_seed
+
+
+def _on_cpu(original):
+    # A few megatron-core functions create tensors with a literal device="cuda". Run them under a
+    # torch function mode that sends those factory calls to the CPU; nothing else changes.
+    import functools
+
+    from torch.overrides import TorchFunctionMode
+
+    class CudaToCpu(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            device = kwargs.get("device")
+            if device is not None and str(device).startswith("cuda"):
+                kwargs["device"] = "cpu"
+            return func(*args, **kwargs)
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        with CudaToCpu():
+            return original(*args, **kwargs)
+    return wrapper
+
+
+def _seed_tracker_too(original):
+    # Without a GPU NeMo skips seeding megatron-core's RNG tracker, so dropout/init draws differ
+    # from run to run (and from the GPU path). Seed it the same way the GPU path does.
+    def _set_random_seed(seed_):
+        original(seed_)
+        from megatron.core import tensor_parallel
+        from megatron.core.parallel_state import get_pipeline_model_parallel_rank
+        tensor_parallel.model_parallel_cuda_manual_seed(seed_ + 100 * get_pipeline_model_parallel_rank())
+    return _set_random_seed
+
+
+CPU_PATCHES = [
+    Patch("torch:Tensor.cuda", "keep tensors on the CPU", _identity_cuda),
+    Patch("torch.nn:Module.cuda", "keep modules on the CPU", _identity_cuda),
+    Patch("torch.cuda:current_device", "device=torch.cuda.current_device() -> cpu", _cpu_device),
+    Patch("torch.cuda:synchronize", "pipeline schedules synchronize the device", _noop),
+    Patch("torch.cuda:LongTensor", "NeMo builds index tensors with torch.cuda.LongTensor", lambda _o: __import__("torch").LongTensor),
+    Patch("torch.cuda:Stream", "NeMo/megatron create side streams", lambda _o: _NullStream),
+    Patch("torch.cuda:stream", "stream context manager", lambda _o: lambda *a, **k: contextlib.nullcontext()),
+    Patch("torch.cuda:current_stream", "current stream", lambda _o: lambda *a, **k: _NullStream()),
+    Patch("torch.cuda:get_rng_state", "CUDA RNG state -> CPU RNG state", _cpu_rng_get),
+    Patch("torch.cuda:set_rng_state", "CUDA RNG state -> CPU RNG state", _cpu_rng_set),
+    Patch("torch.cuda:manual_seed", "CUDA seeding -> CPU seeding", _cpu_manual_seed),
+    Patch("torch.cuda:empty_cache", "no allocator cache on CPU", _noop),
+    Patch("torch.cuda:reset_peak_memory_stats", "no allocator on CPU", _noop),
+    Patch("megatron.core.tensor_parallel.random:_get_cuda_rng_state",
+          "megatron-core's RNG tracker saves CUDA RNG state; without this, runs finish but losses quietly differ",
+          _cpu_rng_get),
+    Patch("megatron.core.tensor_parallel.random:_set_cuda_rng_state",
+          "megatron-core's RNG tracker restores CUDA RNG state",
+          _cpu_rng_set),
+    Patch("megatron.core.fusions.fused_softmax:get_default_causal_mask",
+          "hard-coded device='cuda' in the causal mask", _on_cpu),
+    Patch("megatron.core.pipeline_parallel.schedules:forward_backward_no_pipelining",
+          "hard-coded device='cuda' for the token count", _on_cpu),
+    Patch("megatron.core.pipeline_parallel.schedules:forward_backward_pipelining_without_interleaving",
+          "hard-coded device='cuda' (PP>1)", _on_cpu),
+    Patch("megatron.core.tensor_parallel:broadcast_data",
+          "hard-coded device='cuda' when broadcasting a batch over TP ranks", _on_cpu),
+    Patch("nemo.collections.nlp.modules.common.megatron.megatron_init:_set_random_seed",
+          "NeMo seeds megatron-core's RNG tracker only when a GPU is present", _seed_tracker_too),
+]

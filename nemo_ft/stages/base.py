@@ -1,0 +1,100 @@
+"""`nemo-ft base`: build the tiny Llama-shaped base .nemo we ship under data/tiny/.
+
+Top to bottom: (1) train a SentencePiece tokenizer on the sample text, if asked; (2) turn the text
+into NeMo SFT JSONL with an empty prompt, so that every token is trained on; (3) build a random-init
+GPT from the model profile with NeMo's MegatronGPTSFTModel (full-parameter, no PEFT) and pretrain
+it briefly with NeMo's trainer; (4) save the .nemo with NeMo's own save. The same code path as SFT,
+so the base is a real NeMo checkpoint that SFT, export and eval restore like any other.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+import nemo_ft.config  # noqa: F401  (registers the ${repo:} resolver)
+from nemo_ft.config.validate import check_parallel, fill_defaults
+from nemo_ft.paths import CONF_DIR
+from nemo_ft.stages import common
+
+
+def train_tokenizer(text_files: list[str], out_prefix: Path, vocab_size: int) -> Path:
+    """A BPE SentencePiece model with byte fallback (no <unk> for any UTF-8), deterministic."""
+    import sentencepiece as spm
+
+    lines = []
+    for f in text_files:
+        lines += [line for line in Path(f).read_text(encoding="utf-8").splitlines() if line.strip()]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(out_prefix), vocab_size=vocab_size, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, split_digits=True, num_threads=1,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, input_sentence_size=0, shuffle_input_sentence=False,
+        minloglevel=2, hard_vocab_limit=False)
+    return out_prefix.with_suffix(".model")
+
+
+def write_pretrain_jsonl(text_files: list[str], run_dir: Path, validation_fraction: float) -> tuple[int, int]:
+    lines = []
+    for f in text_files:
+        lines += [line.strip() for line in Path(f).read_text(encoding="utf-8").splitlines() if line.strip()]
+    (run_dir / "data").mkdir(exist_ok=True)
+    n_val = max(1, int(len(lines) * validation_fraction))
+    for name, part in (("pretrain_train.jsonl", lines[n_val:]), ("pretrain_validation.jsonl", lines[:n_val])):
+        with open(run_dir / "data" / name, "w", encoding="utf-8") as out:
+            for line in part:
+                out.write(json.dumps({"input": "", "output": line}, ensure_ascii=False) + "\n")
+    return len(lines) - n_val, n_val
+
+
+def run(cfg: DictConfig) -> Path:
+    fill_defaults(cfg)
+    errors = list(check_parallel(cfg))
+    if errors:
+        common.fail("base", errors)
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / cfg.run.metrics_file).unlink(missing_ok=True)
+
+    if cfg.tokenizer.train:
+        model_path = train_tokenizer(list(cfg.run.text_files), run_dir / "tokenizer", int(cfg.tokenizer.vocab_size))
+        with open_dict(cfg):
+            cfg.tokenizer.model = str(model_path)
+    n_train, n_val = write_pretrain_jsonl(list(cfg.run.text_files), run_dir, float(cfg.run.validation_fraction))
+
+    from nemo_ft import runtime
+
+    rt = runtime.prepare(cfg)
+    common.quiet_nemo()
+    from nemo.collections.nlp.models.language_modeling.megatron_gpt_sft_model import MegatronGPTSFTModel
+
+    cfg = common.nemo_model_cfg(cfg)
+    trainer = common.build_trainer(cfg, run_dir)
+    model = MegatronGPTSFTModel(cfg.model, trainer=trainer)
+    runtime.sync_app_state()
+    trainer.fit(model)
+
+    out = Path(cfg.run.out)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_to(str(tmp))
+    if rt.rank == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(tmp), str(out))
+        train, val = common.read_metrics(run_dir / cfg.run.metrics_file)
+        print(f"[nemo-ft base] {n_train} train / {n_val} validation lines; "
+              f"train loss {train[0]['reduced_train_loss']:.3f} -> {train[-1]['reduced_train_loss']:.3f}; "
+              f"validation loss {val[-1]['val_loss'] if val else float('nan'):.3f}")
+        print(f"[nemo-ft base] wrote {out}")
+    return out
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="base")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""What the NeMo stages share: config errors out, NeMo's trainer + exp_manager in, metrics recorded.
+
+Imported only by stages that run NeMo; the heavy imports stay inside the functions so that
+`--help`/`--cfg job` and config errors come back fast.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from nemo_ft.config import ConfigError
+from nemo_ft.config.validate import PROFILE_ONLY_KEYS, format_errors
+
+
+def fail(stage: str, errors: list[ConfigError]) -> None:
+    print(format_errors(stage, errors), file=sys.stderr)
+    sys.exit(2)
+
+
+def is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def nemo_model_cfg(cfg: DictConfig) -> DictConfig:
+    """cfg with our profile-only keys (which NeMo does not know) and null arch keys removed from model."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        for key in PROFILE_ONLY_KEYS:
+            cfg.model.pop(key, None)
+        for key in [k for k, v in cfg.model.items() if v is None and k in _NULL_MEANS_FROM_CHECKPOINT]:
+            cfg.model.pop(key)
+    return cfg
+
+
+# Arch keys a model profile may leave null to mean "whatever the checkpoint has".
+_NULL_MEANS_FROM_CHECKPOINT = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                               "num_query_groups", "kv_channels", "encoder_seq_length", "max_position_embeddings",
+                               "normalization", "activation", "position_embedding_type", "bias",
+                               "share_embeddings_and_output_weights", "make_vocab_size_divisible_by")
+
+
+def metrics_callback(path: Path):
+    """A Lightning callback appending one JSON line per train step and per validation to `path`."""
+    from lightning.pytorch.callbacks import Callback
+
+    def scalar(v):
+        return float(v.detach().cpu()) if hasattr(v, "detach") else float(v)
+
+    class MetricsRecorder(Callback):
+        def __init__(self):
+            self.path = Path(path)
+            self.t0 = None
+
+        def _write(self, row):
+            if is_rank_zero():
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+        def on_train_start(self, trainer, pl_module):
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            m = trainer.callback_metrics
+            row = {"kind": "train", "step": int(trainer.global_step), "time_s": time.perf_counter() - self.t0}
+            for key in ("reduced_train_loss", "lr", "grad_norm", "consumed_samples"):
+                if key in m:
+                    row[key] = scalar(m[key])
+            self._write(row)
+
+        def on_validation_end(self, trainer, pl_module):
+            if trainer.sanity_checking:
+                return
+            m = trainer.callback_metrics
+            for key in ("val_loss", "validation_loss"):
+                if key in m:
+                    self._write({"kind": "validation", "step": int(trainer.global_step), "val_loss": scalar(m[key])})
+                    break
+
+    return MetricsRecorder()
+
+
+def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["kind"] == "train"], [r for r in rows if r["kind"] == "validation"]
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path):
+    """NeMo's own Megatron trainer (strategy, precision plugins) and exp_manager (TensorBoard, checkpoints)."""
+    from nemo.collections.nlp.parts.megatron_trainer_builder import MegatronLMPPTrainerBuilder
+    from nemo.utils.exp_manager import exp_manager
+
+    metrics_path = run_dir / cfg.run.metrics_file
+    trainer = MegatronLMPPTrainerBuilder(cfg).create_trainer(callbacks=[metrics_callback(metrics_path)])
+    exp_manager(trainer, cfg.exp_manager)
+    return trainer
+
+
+def quiet_nemo() -> None:
+    """NeMo logs every config and warning at INFO; keep our own summary readable."""
+    import logging as pylogging
+    import warnings
+
+    from nemo.utils import logging
+
+    logging.setLevel(pylogging.WARNING)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def to_yaml(cfg) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
