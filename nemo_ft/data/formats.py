@@ -1,0 +1,239 @@
+"""Input formats: streaming line reader, per-file format detection, key aliases, and conversion
+of one JSON row into a canonical example.
+
+Canonical examples are plain dicts of one of three kinds, whatever the input looked like:
+  sft:  {"input": str, "output": str}
+  chat: {"system": str, "turns": [[role, text], ...]}   roles are NeMo's "User"/"Assistant"
+  pref: {"prompt": str, "chosen": str, "rejected": str}
+A row that cannot be converted raises RowReject(reason, detail); the pipeline counts it.
+"""
+import gzip
+import json
+from typing import Iterator, Optional, Tuple
+
+from nemo_ft.data.errors import PrepError
+from nemo_ft.data.normalize import clean_text, dedup_text
+
+# Every reason a row can be rejected for, in the order a row meets the checks.
+REASONS = (
+    "blank_line", "invalid_utf8", "invalid_json", "not_object", "missing_key", "empty_value",
+    "wrong_type", "bad_conversation", "chosen_equals_rejected", "duplicate", "near_duplicate",
+    "too_long",
+)
+
+# format name -> (kind, required keys, optional keys). Order matters for detection: the most
+# specific key sets first ({prompt, chosen_response} before {prompt, completion}, etc.).
+FORMATS = {
+    "aligner_dpo": ("pref", ("prompt", "chosen_response", "rejected_response"), ()),
+    "preference": ("pref", ("chosen", "rejected"), ("prompt",)),
+    "openai": ("chat", ("messages",), ()),
+    "sharegpt": ("chat", ("conversations",), ("system",)),
+    "alpaca": ("sft", ("instruction", "output"), ("input",)),
+    "prompt_completion": ("sft", ("prompt", "completion"), ()),
+    "nemo_sft": ("sft", ("input", "output"), ()),
+}
+
+# Other spellings of the same key seen in public datasets (Dolly, HF "response"/"text").
+KEY_ALIASES = {
+    "alpaca": {"response": "output", "context": "input"},
+    "prompt_completion": {"response": "completion"},
+    "nemo_sft": {"answer": "output"},
+}
+
+ROLE_ALIASES = {
+    "user": "User", "human": "User", "User": "User",
+    "assistant": "Assistant", "gpt": "Assistant", "bot": "Assistant", "model": "Assistant",
+    "Assistant": "Assistant", "system": "system", "System": "system",
+}
+
+TASK_KINDS = {"sft": ("sft", "chat"), "chat": ("sft", "chat"), "dpo": ("pref",)}
+
+
+class RowReject(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        assert reason in REASONS, reason
+        self.reason, self.detail = reason, detail
+        super().__init__(f"{reason}: {detail}")
+
+
+def read_lines(path: str) -> Iterator[Tuple[int, bytes]]:
+    """(1-based line number, raw bytes without the line end) for each physical line.
+
+    Binary on purpose: a bad UTF-8 byte must reject one row, not abort the file. CRLF and a
+    UTF-8 BOM on the first line are stripped here, so every later check sees clean lines.
+    """
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        f = opener(path, "rb")
+    except OSError as err:
+        raise PrepError(f"cannot open input: {err.strerror or err}", path=path) from None
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            if raw.endswith(b"\n"):
+                raw = raw[:-1]
+            if raw.endswith(b"\r"):
+                raw = raw[:-1]
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            yield lineno, raw
+
+
+def parse_line(raw: bytes) -> dict:
+    if not raw.strip():
+        raise RowReject("blank_line", "empty or whitespace-only line")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RowReject("invalid_utf8", f"byte {err.start}: {err.reason}") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise RowReject("invalid_json", f"column {err.colno}: {err.msg}") from None
+    if not isinstance(obj, dict):
+        raise RowReject("not_object", f"expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _aliased(obj: dict, fmt: str) -> dict:
+    aliases = KEY_ALIASES.get(fmt)
+    if not aliases:
+        return obj
+    out = dict(obj)
+    for alt, key in aliases.items():
+        if key not in out and alt in out:
+            out[key] = out.pop(alt)
+    return out
+
+
+def detect_format(obj: dict) -> Optional[str]:
+    for name, (_, required, _) in FORMATS.items():
+        o = _aliased(obj, name)
+        if all(k in o for k in required):
+            return name
+    return None
+
+
+def _text(obj: dict, key: str, required: bool = True) -> str:
+    if key not in obj or obj[key] is None:
+        if required:
+            raise RowReject("missing_key", f"key {key!r} is missing")
+        return ""
+    value = obj[key]
+    if not isinstance(value, str):
+        raise RowReject("wrong_type", f"key {key!r}: expected a string, got {type(value).__name__}")
+    value = clean_text(value)
+    if required and not value.strip():
+        raise RowReject("empty_value", f"key {key!r} is empty")
+    return value
+
+
+def _turns(items, key: str, role_key: str, text_key: str):
+    if not isinstance(items, list):
+        raise RowReject("wrong_type", f"key {key!r}: expected a list, got {type(items).__name__}")
+    system, turns = "", []
+    for i, m in enumerate(items):
+        if not isinstance(m, dict):
+            raise RowReject("wrong_type", f"{key}[{i}]: expected an object")
+        role = m.get(role_key)
+        if role not in ROLE_ALIASES:
+            raise RowReject("bad_conversation", f"{key}[{i}].{role_key}: unknown role {role!r}")
+        try:
+            text = _text(m, text_key)
+        except RowReject as rej:  # say which turn, not just "value"
+            raise RowReject(rej.reason, f"{key}[{i}]: {rej.detail}") from None
+        if ROLE_ALIASES[role] == "system":
+            system = text
+        else:
+            turns.append([ROLE_ALIASES[role], text])
+    if not turns or turns[-1][0] != "Assistant" or not any(r == "User" for r, _ in turns):
+        raise RowReject("bad_conversation", f"key {key!r}: needs a User turn and must end with an Assistant turn")
+    return system, turns
+
+
+def render_chat_prompt(system: str, turns) -> str:
+    """Flatten chat turns into an SFT prompt (used when chat rows feed task=sft or a DPO prompt)."""
+    lines = [system] if system else []
+    lines += [f"{role}: {text}" for role, text in turns]
+    return "\n".join(lines + ["Assistant:"])
+
+
+def _response(value, key: str) -> Tuple[str, Optional[str]]:
+    """A preference response: a string, or chat messages whose last turn is the assistant's."""
+    if isinstance(value, list):
+        system, turns = _turns(value, key, "role", "content")
+        prompt = render_chat_prompt(system, turns[:-1]) if len(turns) > 1 else None
+        return " " + turns[-1][1].lstrip(), prompt
+    return _text({key: value}, key), None
+
+
+def to_canonical(obj: dict, fmt: str) -> dict:
+    kind, _, _ = FORMATS[fmt]
+    o = _aliased(obj, fmt)
+    if fmt == "nemo_sft":
+        return {"input": _text(o, "input"), "output": _text(o, "output")}
+    if fmt == "prompt_completion":
+        return {"input": _text(o, "prompt"), "output": _text(o, "completion")}
+    if fmt == "alpaca":
+        extra = _text(o, "input", required=False)
+        instruction = _text(o, "instruction")
+        prompt = f"{instruction}\n{extra}" if extra.strip() else instruction
+        return {"input": prompt, "output": _text(o, "output")}
+    if fmt == "openai":
+        if "messages" not in o:
+            raise RowReject("missing_key", "key 'messages' is missing")
+        system, turns = _turns(o["messages"], "messages", "role", "content")
+        return {"system": system, "turns": turns}
+    if fmt == "sharegpt":
+        if "conversations" not in o:
+            raise RowReject("missing_key", "key 'conversations' is missing")
+        system, turns = _turns(o["conversations"], "conversations", "from", "value")
+        return {"system": _text(o, "system", required=False) or system, "turns": turns}
+    # preference
+    ck, rk = ("chosen_response", "rejected_response") if fmt == "aligner_dpo" else ("chosen", "rejected")
+    for k in (ck, rk):
+        if k not in o:
+            raise RowReject("missing_key", f"key {k!r} is missing")
+    chosen, p1 = _response(o[ck], ck)
+    rejected, _ = _response(o[rk], rk)
+    if "prompt" in o and isinstance(o["prompt"], list):
+        system, turns = _turns(o["prompt"] + [{"role": "assistant", "content": "x"}], "prompt", "role", "content")
+        prompt = render_chat_prompt(system, turns[:-1])
+    elif "prompt" in o:
+        prompt = _text(o, "prompt")
+    elif p1 is not None:
+        prompt = p1
+    else:
+        raise RowReject("missing_key", "key 'prompt' is missing")
+    if dedup_text(chosen) == dedup_text(rejected):
+        raise RowReject("chosen_equals_rejected", "chosen and rejected responses are the same text")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def kind_of(fmt: str) -> str:
+    return FORMATS[fmt][0]
+
+
+def for_task(ex: dict, kind: str, task: str) -> dict:
+    """The row as the chosen task's NeMo reader wants it (keys are NeMo's / Aligner's)."""
+    if task == "sft":
+        if kind == "chat":
+            return {"input": render_chat_prompt(ex["system"], ex["turns"][:-1]),
+                    "output": " " + ex["turns"][-1][1].lstrip()}
+        return {"input": ex["input"], "output": ex["output"]}
+    if task == "chat":
+        if kind == "sft":
+            system, turns = "", [["User", ex["input"]], ["Assistant", ex["output"].lstrip()]]
+        else:
+            system, turns = ex["system"], ex["turns"]
+        return {"system": system, "conversations": [{"from": r, "value": t} for r, t in turns],
+                "mask": "User", "type": None}
+    return {"prompt": ex["prompt"], "chosen_response": ex["chosen"], "rejected_response": ex["rejected"]}
+
+
+def identity_fields(ex: dict, kind: str):
+    """The text that makes two examples 'the same' (dedup key, split hash, near-dup shingles)."""
+    if kind == "sft":
+        return (ex["input"], ex["output"])
+    if kind == "chat":
+        return (ex["system"],) + tuple(t for _, t in ex["turns"])
+    return (ex["prompt"], ex["chosen"], ex["rejected"])

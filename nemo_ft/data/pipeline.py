@@ -1,0 +1,457 @@
+"""The prep stage, top to bottom: config in, checked/deduplicated/split/mixed/packed files out.
+
+One streaming pass over the inputs: the main process reads raw lines in chunks and hands them
+to a pool of workers (parse, detect, normalize, template + tokenize, MinHash); results come
+back in order, and the main process alone decides duplicates (first one wins, so order must
+be kept), assigns splits and appends to the split files. A bounded window of chunks in flight
+keeps memory flat however big the input is. Then a short second pass over train applies the
+mixing weights, packing runs on the kept token ids, and manifest.json is written last: a
+directory with a manifest is a complete one.
+"""
+import json
+import multiprocessing
+import os
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from nemo_ft.config import ConfigError
+from nemo_ft.data import formats, mix, pack as packing, stats
+from nemo_ft.data.dedup import Deduper, minhash_values
+from nemo_ft.data.errors import PrepError
+from nemo_ft.data.formats import REASONS, RowReject
+from nemo_ft.data.manifest import atomic_write, sha256_file, temp_path, versions, write_json
+from nemo_ft.data.pack import save_object_npy
+from nemo_ft.data.normalize import dedup_text, example_key, shingles
+from nemo_ft.data.split import SPLITS, assign_split, check_ratios
+from nemo_ft.data.tokenize import Template, Tokenizer, check_template, count_tokens, fit_sft
+
+TASKS = ("sft", "chat", "dpo")
+DETECT_LINES = 1000  # how far into a file we look for the first row that reveals its format
+
+
+@dataclass
+class InputSpec:
+    path: str
+    weight: float = 1.0
+    format: str = "auto"
+    split: Optional[str] = None  # force every row of this input into one split
+
+
+@dataclass
+class PrepConfig:
+    inputs: List[InputSpec]
+    out_dir: str
+    task: str = "sft"
+    tokenizer_library: str = "sentencepiece"
+    tokenizer_model: str = ""
+    template: Template = field(default_factory=Template)
+    seq_length: int = 2048
+    over_length: str = "truncate"
+    dedup_exact: bool = True
+    dedup_near: bool = True
+    near_threshold: float = 0.85
+    num_perm: int = 64
+    shingle_size: int = 3
+    split: Dict[str, float] = field(default_factory=lambda: {"train": 0.9, "validation": 0.05, "test": 0.05})
+    split_seed: int = 1234
+    mix_total: Optional[int] = None
+    mix_seed: int = 1234
+    pack: bool = False
+    pack_splits: List[str] = field(default_factory=lambda: ["train"])
+    seed: int = 0
+    workers: int = 0
+    chunk_size: int = 1000
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, c: dict) -> "PrepConfig":
+        """Validate the resolved Hydra config; every failure names its key."""
+        raw_inputs = list(c.get("inputs") or [])
+        if c.get("input"):
+            raw_inputs = [c["input"]] + raw_inputs
+        if not raw_inputs:
+            raise ConfigError("input", "no input given: pass input=FILE.jsonl or inputs=[{path: FILE, weight: 1}]")
+        inputs = []
+        for i, item in enumerate(raw_inputs):
+            if isinstance(item, str):
+                item = {"path": item}
+            if not isinstance(item, dict) or "path" not in item:
+                raise ConfigError(f"inputs[{i}]", f"expected a path or {{path: ..., weight: ...}}, got {item!r}")
+            unknown = set(item) - {"path", "weight", "format", "split"}
+            if unknown:
+                raise ConfigError(f"inputs[{i}]", f"unknown keys {sorted(unknown)}; allowed: path, weight, format, split")
+            spec = InputSpec(path=str(item["path"]), weight=float(item.get("weight", 1.0)),
+                             format=item.get("format") or c.get("format") or "auto", split=item.get("split"))
+            if not os.path.isfile(spec.path):
+                raise ConfigError(f"inputs[{i}].path", f"no such file: {spec.path}")
+            if spec.format != "auto" and spec.format not in formats.FORMATS:
+                raise ConfigError(f"inputs[{i}].format", f"unknown format {spec.format!r}; expected auto or one of {list(formats.FORMATS)}")
+            if spec.split is not None and spec.split not in SPLITS:
+                raise ConfigError(f"inputs[{i}].split", f"expected one of {SPLITS}, got {spec.split!r}")
+            if spec.weight < 0:
+                raise ConfigError(f"inputs[{i}].weight", f"must be >= 0, got {spec.weight}")
+            inputs.append(spec)
+        task = c.get("task", "sft")
+        if task not in TASKS:
+            raise ConfigError("task", f"expected one of {TASKS}, got {task!r}")
+        tcfg = dict(c.get("template") or {})
+        try:
+            template = Template(**tcfg)
+        except TypeError as err:
+            raise ConfigError("template", f"{err}; allowed: {list(Template.__dataclass_fields__)}") from None
+        if task == "sft":
+            template.check_keys()
+        seq_length = c.get("seq_length", 2048)
+        if not isinstance(seq_length, int) or seq_length < 2:
+            raise ConfigError("seq_length", f"expected an integer >= 2, got {seq_length!r}")
+        over = c.get("over_length", "truncate")
+        if over not in ("truncate", "reject"):
+            raise ConfigError("over_length", f"expected truncate or reject, got {over!r}")
+        if c.get("pack") and task != "sft":
+            raise ConfigError("pack", f"packing writes NeMo's SFT packed format; it needs task=sft, not {task!r}")
+        dedup = dict(c.get("dedup") or {})
+        split = dict(c.get("split") or {})
+        split_seed = split.pop("seed", 1234)
+        pk = dict(c.get("pack_options") or {})
+        pack_splits = list(pk.get("splits", ["train"]))
+        for s in pack_splits:
+            if s not in SPLITS:
+                raise ConfigError("pack_options.splits", f"unknown split {s!r}")
+        tok = dict(c.get("tokenizer") or {})
+        m = dict(c.get("mix") or {})
+        threshold = float(dedup.get("near_threshold", 0.85))
+        if not 0 < threshold <= 1:
+            raise ConfigError("dedup.near_threshold", f"must be in (0, 1], got {threshold}")
+        return cls(
+            inputs=inputs, out_dir=str(c.get("out_dir") or "runs/prep"), task=task,
+            tokenizer_library=tok.get("library", "sentencepiece"), tokenizer_model=str(tok.get("model") or ""),
+            template=template, seq_length=seq_length, over_length=over,
+            dedup_exact=bool(dedup.get("exact", True)), dedup_near=bool(dedup.get("near", True)),
+            near_threshold=threshold, num_perm=int(dedup.get("num_perm", 64)),
+            shingle_size=int(dedup.get("shingle_size", 3)),
+            split=check_ratios(split) if split else check_ratios({"train": 0.9, "validation": 0.05, "test": 0.05}),
+            split_seed=int(split_seed), mix_total=m.get("total"), mix_seed=int(m.get("seed", 1234)),
+            pack=bool(c.get("pack", False)), pack_splits=pack_splits, seed=int(c.get("seed", 0)),
+            workers=int(c.get("workers", 0)), chunk_size=int(c.get("chunk_size", 1000)),
+            progress=bool(c.get("progress", True)),
+        )
+
+
+# ---------------------------------------------------------------- worker side (one per core)
+
+_W = {}
+
+
+def _init_worker(cfg: PrepConfig) -> None:
+    _W["cfg"] = cfg
+    _W["tok"] = Tokenizer(cfg.tokenizer_library, cfg.tokenizer_model)
+
+
+def _process_chunk(chunk, fmt: str):
+    """Everything that needs no global state: parse → canonical → template/tokens → MinHash."""
+    cfg: PrepConfig = _W["cfg"]
+    tok: Tokenizer = _W["tok"]
+    kind = formats.kind_of(fmt)
+    want_ids = cfg.pack
+    out = []
+    for lineno, raw in chunk:
+        try:
+            obj = formats.parse_line(raw)
+            ex = formats.to_canonical(obj, fmt)
+            row = formats.for_task(ex, kind, cfg.task)
+            key_fields = formats.identity_fields(ex, kind)
+            truncated, ids, start = False, None, 0
+            if cfg.task == "sft":
+                fit = fit_sft(tok, cfg.template, row, cfg.seq_length, cfg.over_length == "truncate")
+                if fit is None:
+                    n = len(fit_sft(tok, cfg.template, row, 10**9, False)[1])
+                    raise RowReject("too_long", f"{n} tokens > seq_length={cfg.seq_length}"
+                                    + (" and truncation_field cannot absorb it" if cfg.over_length == "truncate" else ""))
+                row, ids, start, truncated = fit
+                ntok = len(ids)
+            else:
+                ntok = count_tokens(tok, ex, kind, cfg.template)
+                if ntok > cfg.seq_length:
+                    raise RowReject("too_long", f"~{ntok} tokens > seq_length={cfg.seq_length}")
+            norm = [dedup_text(f) for f in key_fields]  # once: both the key and the shingles use it
+            hv = (minhash_values(shingles(" ".join(norm), cfg.shingle_size, normalized=True), cfg.num_perm)
+                  if cfg.dedup_near else None)
+            line = json.dumps(row, ensure_ascii=False)
+            out.append((lineno, None, line, example_key(norm, normalized=True), hv,
+                        ids if want_ids else None, start, ntok, truncated))
+        except RowReject as rej:
+            out.append((lineno, rej.reason, rej.detail))
+    return out
+
+
+# ---------------------------------------------------------------- main process
+
+
+def _detect(spec: InputSpec, task: str) -> str:
+    if spec.format != "auto":
+        fmt = spec.format
+        line = None
+    else:
+        fmt, line, seen = None, None, set()
+        for lineno, raw in formats.read_lines(spec.path):
+            try:
+                obj = formats.parse_line(raw)
+            except RowReject:
+                continue
+            seen.update(obj.keys())
+            fmt = formats.detect_format(obj)
+            if fmt:
+                line = lineno
+                break
+            if lineno >= DETECT_LINES:
+                break
+        if fmt is None:
+            raise PrepError(f"cannot detect the format: no row in the first {DETECT_LINES} lines has the keys of "
+                            f"any known format (keys seen: {sorted(seen)[:12]}); known: {list(formats.FORMATS)}. "
+                            f"Force one with format=<name>", path=spec.path, key="format")
+    kind = formats.kind_of(fmt)
+    if kind not in formats.TASK_KINDS[task]:
+        hint = "task=dpo" if kind == "pref" else "task=sft or task=chat"
+        raise PrepError(f"{fmt} rows ({kind}) cannot feed task={task}; use {hint}", path=spec.path, line=line,
+                        key="task")
+    return fmt
+
+
+def _chunks(path: str, size: int):
+    chunk = []
+    for item in formats.read_lines(path):
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _results(pool, chunks, fmt, window):
+    if pool is None:
+        for c in chunks:
+            yield c, _process_chunk(c, fmt)
+        return
+    pending = deque()
+    for c in chunks:
+        pending.append((c, pool.apply_async(_process_chunk, (c, fmt))))
+        if len(pending) >= window:
+            c0, r = pending.popleft()
+            yield c0, r.get()
+    while pending:
+        c0, r = pending.popleft()
+        yield c0, r.get()
+
+
+def _workers(cfg: PrepConfig) -> int:
+    n = cfg.workers if cfg.workers > 0 else (os.cpu_count() or 1)
+    total = sum(os.path.getsize(s.path) for s in cfg.inputs)
+    # Below ~1 MB a pool costs more than it saves (fork + tokenizer load per worker).
+    return 1 if total < (1 << 20) else n
+
+
+def run_prep(cfg: PrepConfig, resolved_config: Optional[dict] = None, log=print) -> dict:
+    t0 = time.time()
+    tok = Tokenizer(cfg.tokenizer_library, cfg.tokenizer_model)
+    check_template(tok, cfg.template)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    out = {s: os.path.join(cfg.out_dir, f"{s}.jsonl") for s in SPLITS}
+    rejects_path = os.path.join(cfg.out_dir, "rejects.jsonl")
+    tmp = {s: temp_path(p) for s, p in out.items()}
+    tmp_rejects = temp_path(rejects_path)
+    tmp_train_raw = tmp["train"] + ".raw"
+    handles = {s: open(tmp[s] if s != "train" else tmp_train_raw, "w", encoding="utf-8") for s in SPLITS}
+    rej_f = open(tmp_rejects, "w", encoding="utf-8")
+    created = list(tmp.values()) + [tmp_rejects, tmp_train_raw]
+
+    fmts = [_detect(s, cfg.task) for s in cfg.inputs]
+    nworkers = _workers(cfg)
+    dedup = Deduper(cfg.dedup_exact, cfg.dedup_near, cfg.near_threshold, cfg.num_perm)
+    per_file = [{"lines": 0, "accepted": 0, "rejected": Counter(), "truncated": 0,
+                 "splits": Counter()} for _ in cfg.inputs]
+    lengths = {s: [] for s in SPLITS}
+    stores = {s: packing.TokenStore() for s in cfg.pack_splits} if cfg.pack else {}
+    train_source = []  # source index of each train row, in file order (for mixing)
+
+    try:
+        from tqdm import tqdm
+        bar = tqdm(unit=" rows", desc="prep", disable=not cfg.progress, mininterval=0.5)
+        pool = None
+        if nworkers > 1:
+            pool = multiprocessing.get_context("fork").Pool(nworkers, _init_worker, (cfg,))
+        else:
+            _init_worker(cfg)
+        try:
+            for fi, (spec, fmt) in enumerate(zip(cfg.inputs, fmts)):
+                pf = per_file[fi]
+                for chunk, results in _results(pool, _chunks(spec.path, cfg.chunk_size), fmt, 2 * nworkers + 2):
+                    raw_of = dict(chunk)
+                    for res in results:
+                        lineno = res[0]
+                        pf["lines"] += 1
+                        reason = res[1]
+                        if reason is None:
+                            _, _, line, key, hv, ids, start, ntok, truncated = res
+                            dup = dedup.check(key, hv, (spec.path, lineno))
+                            if dup is not None:
+                                reason = dup[0]
+                                first = dup[1]
+                                detail = f"same as {first[0]}:{first[1]}" if first else "similar to an earlier row"
+                        else:
+                            detail = res[2]
+                        if reason is not None:
+                            pf["rejected"][reason] += 1
+                            rej_f.write(json.dumps({"file": spec.path, "line": lineno, "reason": reason,
+                                                    "detail": detail,
+                                                    "raw": raw_of[lineno].decode("utf-8", "replace")},
+                                                   ensure_ascii=False) + "\n")
+                            continue
+                        split = spec.split or assign_split(key, cfg.split, cfg.split_seed)
+                        handles[split].write(line + "\n")
+                        pf["accepted"] += 1
+                        pf["splits"][split] += 1
+                        pf["truncated"] += int(truncated)
+                        lengths[split].append(ntok)
+                        if split == "train":
+                            train_source.append(fi)
+                        if split in stores:
+                            stores[split].add(ids, start)
+                    bar.update(len(results))
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.close()
+                pool.join()
+        for h in list(handles.values()) + [rej_f]:
+            h.close()
+
+        # ---- accounting: every line read is either written once or rejected once
+        counts_in = sum(p["lines"] for p in per_file)
+        accepted = sum(p["accepted"] for p in per_file)
+        rejected = Counter()
+        for p in per_file:
+            rejected.update(p["rejected"])
+            assert p["lines"] == p["accepted"] + sum(p["rejected"].values())
+        assert counts_in == accepted + sum(rejected.values())
+        split_counts = {s: sum(p["splits"][s] for p in per_file) for s in SPLITS}
+        if accepted == 0:
+            os.replace(tmp_rejects, rejects_path)
+            raise PrepError(f"no examples left: all {counts_in} lines were rejected "
+                            f"({dict(rejected)}); see {rejects_path}")
+        empty = [s for s in SPLITS if cfg.split[s] > 0 and split_counts[s] == 0]
+        if empty:
+            raise PrepError(f"split(s) {empty} got no examples out of {accepted}: add data or set "
+                            + " ".join(f"split.{s}=0" for s in empty) + " (and rebalance the others)", key="split")
+
+        # ---- mixing: multiplicity of each train row
+        src = np.asarray(train_source, dtype=np.int64)
+        mixing_sources = [i for i, s in enumerate(cfg.inputs) if s.split in (None, "train")]
+        available = [int((src == i).sum()) for i in range(len(cfg.inputs))]
+        mult = np.ones(len(src), dtype=np.int64)
+        mix_report = None
+        if len(mixing_sources) > 1:
+            weights = [cfg.inputs[i].weight if i in mixing_sources else 0.0 for i in range(len(cfg.inputs))]
+            targets = mix.plan_counts(available, weights, cfg.mix_total)
+            for i in range(len(cfg.inputs)):
+                rows = np.nonzero(src == i)[0]
+                mult[rows] = mix.multiplicities(len(rows), targets[i], cfg.mix_seed, i)
+            written = [int(mult[src == i].sum()) for i in range(len(cfg.inputs))]
+            mix_report = mix.report([s.path for s in cfg.inputs], available, written, weights)
+        with open(tmp_train_raw, encoding="utf-8") as fin, open(tmp["train"], "w", encoding="utf-8") as fout:
+            for m, line in zip(mult, fin):
+                if m:
+                    fout.write(line * int(m))
+        os.remove(tmp_train_raw)
+        train_written = int(mult.sum())
+        downsampled = int((mult == 0).sum())
+
+        for s in SPLITS:
+            os.replace(tmp[s], out[s])
+        os.replace(tmp_rejects, rejects_path)
+
+        # ---- packing
+        pack_report = None
+        packed_files = []
+        if cfg.pack:
+            pack_report, metas = {}, []
+            for s in cfg.pack_splits:
+                rows = np.repeat(np.arange(len(stores[s])), mult) if s == "train" else np.arange(len(stores[s]))
+                if len(rows) == 0:
+                    continue
+                t = time.time()
+                packs, meta = packing.pack(stores[s], rows.tolist(), cfg.seq_length, cfg.seed, tok.eos_id)
+                name = f"packed_{cfg.seq_length}_seed{cfg.seed}.npy"
+                path = os.path.join(cfg.out_dir, name if s == "train" else f"{s}_{name}")
+                arr = np.empty(len(packs), dtype=object)
+                arr[:] = packs
+                with atomic_write(path, "wb") as f:
+                    save_object_npy(f, arr)
+                meta["seconds"] = round(time.time() - t, 3)
+                meta["split"] = s
+                pack_report[s] = {**meta, "file": os.path.basename(path)}
+                metas.append({k: meta[k] for k in ("dataset_max_seqlen", "max_samples_per_bin", "packing_factor",
+                                                   "packing_efficiency", "pack_size", "min_packed_seqlen")})
+                packed_files.append(path)
+            meta_path = os.path.join(cfg.out_dir, f"packed_{cfg.seq_length}_seed{cfg.seed}_metadata.json")
+            write_json(meta_path, metas)
+            packed_files.append(meta_path)
+
+        # ---- stats + plot
+        lens = {s: np.asarray(v, dtype=np.int64) for s, v in lengths.items()}
+        truncated = sum(p["truncated"] for p in per_file)
+        st = {"seq_length": cfg.seq_length, "splits": {s: stats.length_stats(v, cfg.seq_length) for s, v in lens.items()},
+              "truncated": truncated, "rejected": dict(rejected), "mix": mix_report, "pack": pack_report}
+        stats_path = os.path.join(cfg.out_dir, "stats.json")
+        write_json(stats_path, st)
+        png = os.path.join(cfg.out_dir, "lengths.png")
+        stats.plot_lengths(png, lens, cfg.seq_length, truncated)
+
+        # ---- manifest, last
+        outputs = [*out.values(), rejects_path, stats_path, png, *packed_files]
+        elapsed = time.time() - t0
+        manifest = {
+            "stage": "prep",
+            "task": cfg.task,
+            "created_unix": int(time.time()),
+            "seconds": round(elapsed, 3),
+            "examples_per_second": round(counts_in / elapsed, 1) if elapsed else None,
+            "workers": nworkers,
+            "inputs": [{"path": os.path.abspath(s.path), "sha256": sha256_file(s.path), "bytes": os.path.getsize(s.path),
+                        "format": f, "weight": s.weight, "split": s.split, "lines": p["lines"],
+                        "accepted": p["accepted"], "truncated": p["truncated"],
+                        "rejected": {r: p["rejected"][r] for r in REASONS if p["rejected"][r]},
+                        "splits": dict(p["splits"])}
+                       for s, f, p in zip(cfg.inputs, fmts, per_file)],
+            "outputs": {os.path.basename(p): {"sha256": sha256_file(p), "bytes": os.path.getsize(p)} for p in outputs},
+            "counts": {
+                "in": counts_in,
+                "accepted": accepted,
+                "rejected_total": sum(rejected.values()),
+                "rejected": {r: rejected[r] for r in REASONS if rejected[r]},
+                "in_equals_accepted_plus_rejected": counts_in == accepted + sum(rejected.values()),
+                "truncated": truncated,
+                "splits": split_counts,
+                "train_rows_written": train_written,
+                "train_rows_downsampled": downsampled,
+            },
+            "mix": mix_report,
+            "pack": pack_report,
+            "tokenizer": tok.info(),
+            "template": {k: getattr(cfg.template, k) for k in Template.__dataclass_fields__},
+            "config": resolved_config,
+            "versions": versions(),
+        }
+        write_json(os.path.join(cfg.out_dir, "manifest.json"), manifest)
+        return manifest
+    finally:
+        for h in list(handles.values()) + [rej_f]:
+            if not h.closed:
+                h.close()
+        for p in created:
+            if os.path.exists(p):
+                os.remove(p)

@@ -1,0 +1,197 @@
+"""Tokenizer and prompt template, reproducing NeMo's GPTSFTDataset token for token.
+
+NeMo's `_process_example` strips spaces from each value, splits the prompt template around its
+placeholders, tokenizes every piece on its own and concatenates (context, then label, then EOS).
+We do exactly the same here so that (a) the length we check is the length NeMo will see and
+(b) our packed .npy holds the ids NeMo would have produced (tests/test_prep_nemo.py checks it).
+"""
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+from nemo_ft.config import ConfigError
+from nemo_ft.data.manifest import sha256_file
+
+
+class Tokenizer:
+    """SentencePiece model file, or a local Hugging Face tokenizer directory (tokenizer.json)."""
+
+    def __init__(self, library: str, model: str):
+        self.library, self.model = library, model
+        if not model or not os.path.exists(model):
+            raise ConfigError("tokenizer.model", f"no such file or directory: {model!r}")
+        if library == "sentencepiece":
+            import sentencepiece
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=model)
+            self.vocab_size = self.sp.get_piece_size()
+            self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
+            self.sha256 = sha256_file(model)
+        elif library == "huggingface":
+            from tokenizers import Tokenizer as HFTokenizer
+            path = os.path.join(model, "tokenizer.json") if os.path.isdir(model) else model
+            if not os.path.exists(path):
+                raise ConfigError("tokenizer.model", f"no tokenizer.json at {path!r}")
+            self.hf = HFTokenizer.from_file(path)
+            self.vocab_size = self.hf.get_vocab_size()
+            special = {}
+            cfg = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+            if os.path.exists(cfg):
+                with open(cfg) as f:
+                    special = json.load(f)
+            def tok_id(name):
+                tok = special.get(name)
+                tok = tok.get("content") if isinstance(tok, dict) else tok
+                i = self.hf.token_to_id(tok) if tok else None
+                return -1 if i is None else i
+            self.bos_id, self.eos_id, self.pad_id = tok_id("bos_token"), tok_id("eos_token"), tok_id("pad_token")
+            self.sha256 = sha256_file(path)
+        else:
+            raise ConfigError("tokenizer.library", f"expected 'sentencepiece' or 'huggingface', got {library!r}")
+        # NeMo's own probe: does tokenizing 'x y' in one go differ from 'x' + 'y'?
+        self.space_sensitive = self.encode("x y") != self.encode("x") + self.encode("y")
+
+    def encode(self, text: str) -> List[int]:
+        if self.library == "sentencepiece":
+            return self.sp.encode_as_ids(text)
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: List[int]) -> str:
+        if self.library == "sentencepiece":
+            return self.sp.decode_ids(ids)
+        return self.hf.decode(ids)
+
+    def is_special(self, i: int) -> bool:
+        if self.library == "sentencepiece":
+            return self.sp.is_control(i)
+        return True
+
+    def info(self) -> dict:
+        return {"library": self.library, "model": self.model, "sha256": self.sha256,
+                "vocab_size": self.vocab_size, "bos_id": self.bos_id, "eos_id": self.eos_id,
+                "pad_id": self.pad_id, "space_sensitive": self.space_sensitive}
+
+
+@dataclass
+class Template:
+    prompt_template: str = "{input} {output}"
+    label_key: str = "output"
+    truncation_field: Optional[str] = "input"
+    truncation_method: str = "right"
+    add_bos: bool = False
+    add_eos: bool = True
+
+    def __post_init__(self):
+        # NeMo unescapes the template (so "\n" typed on a command line becomes a newline).
+        self.resolved = self.prompt_template.encode("utf-8").decode("unicode_escape")
+        self.keys = re.findall(r"{(.*?)}", self.resolved)
+        label = "{" + self.label_key + "}"
+        if not self.resolved.endswith(label):
+            raise ConfigError("template.prompt_template",
+                              f"{self.prompt_template!r} must end with {label} (NeMo requires the label "
+                              f"placeholder last, so the loss mask covers only the response)")
+        if self.keys.count(self.label_key) != 1:
+            raise ConfigError("template.prompt_template", f"{label} must appear exactly once")
+        if self.truncation_field and self.truncation_field not in self.keys:
+            raise ConfigError("template.truncation_field",
+                              f"{self.truncation_field!r} is not a placeholder of {self.prompt_template!r} "
+                              f"(placeholders: {self.keys})")
+        if self.truncation_field == self.label_key:
+            raise ConfigError("template.truncation_field", "truncating the label would train on a cut response")
+        if self.truncation_method not in ("left", "right"):
+            raise ConfigError("template.truncation_method", f"expected left or right, got {self.truncation_method!r}")
+        parts = [p for p in re.split("( *?{.+?})", self.resolved) if p]
+        self.parts = parts
+
+    def check_keys(self, sft_keys=("input", "output")):
+        unknown = [k for k in self.keys if k not in sft_keys]
+        if unknown:
+            raise ConfigError("template.prompt_template",
+                              f"placeholders {unknown} are not keys of the SFT rows prep writes {list(sft_keys)}")
+
+    def pieces(self, values: Dict[str, str], space_sensitive: bool) -> Tuple[List[str], List[str]]:
+        """NeMo's `_separate_template`: strings to tokenize one by one, and the key of each."""
+        strings, keys = [], []
+        for t in self.parts:
+            if not space_sensitive and t[0] == " ":
+                t = t[1:]
+            ph = t.lstrip(" ")
+            spaces = " " * (len(t) - len(ph))
+            if ph.startswith("{") and ph.endswith("}") and ph[1:-1] in values:
+                strings.append(spaces + values[ph[1:-1]].strip(" "))
+                keys.append(ph[1:-1])
+            else:
+                strings.append(spaces + ph)
+                keys.append("<template>")
+        return strings, keys
+
+
+def encode_sft(tok: Tokenizer, tpl: Template, ex: Dict[str, str]) -> Tuple[List[int], int, List[List[int]], List[str]]:
+    """(input_ids, answer_start_idx, per-piece ids, piece keys) exactly as NeMo builds them."""
+    strings, keys = tpl.pieces(ex, tok.space_sensitive)
+    piece_ids = [tok.encode(s) for s in strings]
+    context = [i for ids in piece_ids[:-1] for i in ids]
+    if tpl.add_bos:
+        context = [tok.bos_id] + context
+    ids = context + piece_ids[-1]
+    if tpl.add_eos:
+        ids = ids + [tok.eos_id]
+    return ids, len(context), piece_ids, keys
+
+
+def fit_sft(tok: Tokenizer, tpl: Template, ex: Dict[str, str], seq_length: int, truncate: bool):
+    """Encode `ex`; if longer than seq_length, cut `truncation_field` or return None (reject).
+
+    Returns (example, ids, answer_start, truncated). The cut is done in tokens, decoded back to
+    text (that is what the SFT stage will re-tokenize) and re-encoded until it fits, because a
+    decode/encode round trip may merge pieces differently at the cut.
+    """
+    ids, start, piece_ids, keys = encode_sft(tok, tpl, ex)
+    if len(ids) <= seq_length:
+        return ex, ids, start, False
+    if not truncate or not tpl.truncation_field:
+        return None
+    field = tpl.truncation_field
+    field_ids = [p for p, k in zip(piece_ids, keys) if k == field][0]
+    excess = len(ids) - seq_length
+    for _ in range(4):
+        keep = len(field_ids) - excess
+        if keep <= 0:
+            return None
+        kept = field_ids[:keep] if tpl.truncation_method == "right" else field_ids[-keep:]
+        cut = dict(ex)
+        cut[field] = tok.decode(kept)
+        if not cut[field].strip():
+            return None
+        ids, start, _, _ = encode_sft(tok, tpl, cut)
+        if len(ids) <= seq_length:
+            return cut, ids, start, True
+        excess += len(ids) - seq_length
+    return None
+
+
+def count_tokens(tok: Tokenizer, ex: dict, kind: str, tpl: Template) -> int:
+    """Length used for the over-length check of chat / preference rows (task=chat|dpo).
+
+    An upper-bound estimate, not NeMo's exact chat rendering: each turn adds a few header tokens.
+    """
+    if kind == "pref":
+        return len(tok.encode(ex["prompt"])) + max(len(tok.encode(ex["chosen"])), len(tok.encode(ex["rejected"]))) + 1
+    if kind == "sft":  # an SFT row written as a one-turn conversation
+        return len(tok.encode(ex["input"])) + len(tok.encode(ex["output"])) + 9
+    n = len(tok.encode(ex["system"])) if ex["system"] else 0
+    return n + sum(len(tok.encode(t)) + 4 for _, t in ex["turns"]) + 1
+
+
+def check_template(tok: Tokenizer, tpl: Template) -> None:
+    """Template/tokenizer agreement, before any row is read (a config error, not a reject)."""
+    if tpl.add_eos and not (0 <= tok.eos_id < tok.vocab_size and tok.is_special(tok.eos_id)):
+        raise ConfigError("template.add_eos", f"tokenizer {tok.model} defines no EOS token (eos_id={tok.eos_id})")
+    if tpl.add_bos and not (0 <= tok.bos_id < tok.vocab_size and tok.is_special(tok.bos_id)):
+        raise ConfigError("template.add_bos", f"tokenizer {tok.model} defines no BOS token (bos_id={tok.bos_id})")
+    probe = {k: f"probe {k}" for k in tpl.keys}
+    ids, start, pieces, _ = encode_sft(tok, tpl, probe)
+    answer = pieces[-1]
+    if not answer or ids[start:start + len(answer)] != answer or start == 0 and len(tpl.keys) > 1:
+        raise ConfigError("template.prompt_template", "the rendered template does not end with the response tokens")
