@@ -5,6 +5,7 @@ stage prints them all at once and exits with status 2. Pure Python: no NeMo, no 
 """
 from __future__ import annotations
 
+import os
 import tarfile
 from pathlib import Path
 from typing import Iterable
@@ -57,6 +58,12 @@ def check_parallel(cfg) -> Iterable[ConfigError]:
     tp = _int(cfg, "model.tensor_model_parallel_size", 1)
     pp = _int(cfg, "model.pipeline_model_parallel_size", 1)
     world = world_size(cfg)
+    launched = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    if launched != world:
+        yield ConfigError("trainer.devices",
+                          f"the launcher started {launched} process(es) but trainer.devices x trainer.num_nodes = "
+                          f"{world}; launch one process per device (torchrun --nproc_per_node {world}, or srun "
+                          f"--ntasks {world}) or pick the matching parallel=<profile>")
     if tp < 1 or pp < 1:
         yield ConfigError("model.tensor_model_parallel_size", f"TP={tp} and PP={pp} must both be >= 1")
         return

@@ -43,16 +43,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _first_slurm_host() -> str:
+    import subprocess
+
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        return "127.0.0.1"
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return out.stdout.split()[0]
+
+
 def init_distributed(tp: int, pp: int, cuda: bool) -> Runtime:
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
 
+    if "WORLD_SIZE" not in os.environ and "SLURM_NTASKS" in os.environ:
+        # srun started one task per device: translate SLURM's variables for torch.distributed.
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     backend = "nccl" if cuda else "gloo"
     if not dist.is_initialized():
+        if "SLURM_JOB_ID" in os.environ and world > 1:
+            # Every srun task must agree on the rendezvous without talking first.
+            os.environ.setdefault("MASTER_ADDR", _first_slurm_host())
+            os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ["SLURM_JOB_ID"]) % 20000))
         # A single process gets a loopback rendezvous of its own; Lightning reuses the group.
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))

@@ -89,6 +89,22 @@ def _lora_attention_forward(original):
     return forward
 
 
+def _adapter_layer_forward(original):
+    # Same mismatch for the canonical adapter's transformer-layer mixin: megatron-core 0.13's block
+    # passes rotary_pos_cos/sin, attention_bias and inference_context, which it predates.
+    def forward(self, hidden_states, attention_mask=None, context=None, context_mask=None, rotary_pos_emb=None,
+                rotary_pos_cos=None, rotary_pos_sin=None, attention_bias=None, inference_context=None,
+                packed_seq_params=None, sequence_len_offset=None, *, inference_params=None):
+        if rotary_pos_cos is not None or rotary_pos_sin is not None or attention_bias is not None:
+            raise NotImplementedError("NeMo's canonical adapter layer cannot take rotary_pos_cos/sin (flash decode) "
+                                      "or attention_bias; use LoRA for that path")
+        return original(self, hidden_states, attention_mask, context=context, context_mask=context_mask,
+                        rotary_pos_emb=rotary_pos_emb,
+                        inference_params=inference_context if inference_context is not None else inference_params,
+                        packed_seq_params=packed_seq_params)
+    return forward
+
+
 def _adjust_kv_five(original):
     # megatron-core 0.13 returns 6 values (adds block_table); NeMo's mixin unpacks 5. The sixth is
     # None outside paged inference, which the LoRA training path never uses.
@@ -154,12 +170,13 @@ def _torch_clip_grad_norm(_original):
         if isinstance(parameters, torch.Tensor):
             parameters = [parameters]
         params = [p for p in parameters if p.grad is not None]
-        counted = [p.grad.detach().float() for p in params
-                   if not getattr(p, "shared", False) and param_is_not_tensor_parallel_duplicate(p)]
+        parallel = parallel_state.model_parallel_is_initialized()
+        counted = [p.grad.detach().float() for p in params if not getattr(p, "shared", False)
+                   and (not parallel or param_is_not_tensor_parallel_duplicate(p))]
         total = torch.zeros(1, dtype=torch.float32, device=params[0].grad.device if params else "cpu")
         for g in counted:
             total += g.norm(2) ** 2
-        if parallel_state.model_parallel_is_initialized():
+        if parallel:
             torch.distributed.all_reduce(total, group=parallel_state.get_model_parallel_group())
         norm = total.sqrt().item()
         coef = float(max_norm) / (norm + 1.0e-6)
@@ -178,6 +195,9 @@ NEMO_FIXES = [
           "MCoreSelfAttentionMixin._adjust_key_value_for_inference",
           "megatron-core 0.13 returns 6 values, NeMo's LoRA mixin unpacks 5",
           _adjust_kv_five),
+    Patch("nemo.collections.nlp.modules.common.megatron.adapters.mcore_mixins:MCoreTransformerLayerMixin.forward",
+          "canonical adapter layer mixin predates megatron-core 0.13's layer keywords",
+          _adapter_layer_forward),
     Patch("nemo.collections.nlp.models.language_modeling.megatron_gpt_model:get_specs",
           "get_specs builds the TE spec eagerly (NameError without Transformer Engine)",
           _local_spec_without_te, when=lambda: not _have("transformer_engine")),

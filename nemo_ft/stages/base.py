@@ -67,8 +67,8 @@ def run(cfg: DictConfig) -> Path:
 
     from nemo_ft import runtime
 
-    rt = runtime.prepare(cfg)
     common.quiet_nemo()
+    rt = runtime.prepare(cfg)
     from nemo.collections.nlp.models.language_modeling.megatron_gpt_sft_model import MegatronGPTSFTModel
 
     cfg = common.nemo_model_cfg(cfg)

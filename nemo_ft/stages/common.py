@@ -84,18 +84,79 @@ def metrics_callback(path: Path):
     return MetricsRecorder()
 
 
+def stop_after_callback(steps: int):
+    """Stop cleanly after `steps` optimizer steps, as a preempted job would (checkpoint first)."""
+    from lightning.pytorch.callbacks import Callback
+
+    class StopAfter(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step >= steps:
+                trainer.should_stop = True
+
+    return StopAfter()
+
+
+def memory_probe_callback():
+    """Measures the bytes the planner predicts: trainable params, their gradients, optimizer state."""
+    from lightning.pytorch.callbacks import Callback
+
+    class MemoryProbe(Callback):
+        def __init__(self):
+            self.measured = {}
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if "grad_bytes" not in self.measured:
+                grads = [p.grad for p in pl_module.parameters() if p.requires_grad and p.grad is not None]
+                self.measured["grad_bytes"] = sum(g.numel() * g.element_size() for g in grads)
+                self.measured["trainable_params"] = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+
+        def on_train_end(self, trainer, pl_module):
+            # Adam's m and v; the scalar step counters are bookkeeping, not per-parameter state.
+            states = [t for opt in trainer.optimizers for st in opt.state.values() for t in st.values()
+                      if hasattr(t, "numel") and t.dim() > 0]
+            self.measured["optimizer_bytes"] = sum(t.numel() * t.element_size() for t in states)
+
+    return MemoryProbe()
+
+
 def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     return [r for r in rows if r["kind"] == "train"], [r for r in rows if r["kind"] == "validation"]
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path):
+def plot_losses(metrics: Path, out: Path, title: str) -> Path:
+    """Train (per step) and validation loss curves, written atomically as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, val = read_metrics(metrics)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in train], [r.get("reduced_train_loss") for r in train], label="train", lw=1)
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=()):
     """NeMo's own Megatron trainer (strategy, precision plugins) and exp_manager (TensorBoard, checkpoints)."""
     from nemo.collections.nlp.parts.megatron_trainer_builder import MegatronLMPPTrainerBuilder
     from nemo.utils.exp_manager import exp_manager
 
-    metrics_path = run_dir / cfg.run.metrics_file
-    trainer = MegatronLMPPTrainerBuilder(cfg).create_trainer(callbacks=[metrics_callback(metrics_path)])
+    callbacks = [metrics_callback(run_dir / cfg.run.metrics_file), *extra_callbacks]
+    if cfg.run.get("stop_after_steps"):
+        callbacks.append(stop_after_callback(int(cfg.run.stop_after_steps)))
+    trainer = MegatronLMPPTrainerBuilder(cfg).create_trainer(callbacks=callbacks)
     exp_manager(trainer, cfg.exp_manager)
     return trainer
 

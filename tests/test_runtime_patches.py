@@ -1,0 +1,71 @@
+"""Every symbol nemo_ft.runtime patches must still exist in the pinned stack, and the patches must work.
+
+An upgrade of NeMo/megatron-core/torch that renames or removes a patched symbol fails here, instead
+of leaving a patch that silently does nothing.
+"""
+import importlib
+import inspect
+import os
+
+import pytest
+
+os.environ.setdefault("NVIDIA_PYTORCH_VERSION", "24.07")
+
+from nemo_ft.runtime import patches  # noqa: E402
+
+ALL = patches.NEMO_FIXES + patches.CPU_PATCHES
+
+
+@pytest.mark.parametrize("patch", ALL, ids=[p.target for p in ALL])
+def test_patch_target_exists(patch):
+    module_name, _, attr_path = patch.target.partition(":")
+    owner = importlib.import_module(module_name)
+    *parents, attr = attr_path.split(".")
+    for name in parents:
+        owner = getattr(owner, name)  # the owner must exist, even where the attribute is the bug
+    if patch.missing_ok:
+        # These patches supply a name NeMo uses but defines only when apex is importable.
+        source = inspect.getsource(importlib.import_module(module_name))
+        assert attr in source, f"{module_name} no longer uses {attr}: drop the patch"
+    else:
+        assert hasattr(owner, attr), f"{patch.target} is gone: the patch would do nothing"
+    assert patch.why
+
+
+def test_lora_mixin_still_has_the_inference_context_bug():
+    """The day NeMo's mixin accepts megatron-core's keyword, our fix must be revisited."""
+    from nemo.collections.nlp.modules.common.megatron.adapters.mcore_mixins import MCoreSelfAttentionMixin
+    from megatron.core.transformer.attention import SelfAttention
+    assert "inference_context" in inspect.signature(SelfAttention.forward).parameters
+    original = patches._APPLIED.get(patches.NEMO_FIXES[0].target, (None, None, MCoreSelfAttentionMixin.forward))[2]
+    assert "inference_context" not in inspect.signature(original).parameters
+
+
+def test_cpu_patches_route_cuda_requests_to_cpu():
+    import torch
+    patches.apply(patches.CPU_PATCHES)
+    assert torch.zeros(2).cuda().device.type == "cpu"
+    assert torch.cuda.current_device() == torch.device("cpu")
+    from megatron.core.fusions import fused_softmax
+    mask = fused_softmax.get_default_causal_mask(4)
+    assert mask.device.type == "cpu" and mask.dtype == torch.bool and mask[0, 1] and not mask[1, 0]
+    # The CUDA RNG API now drives the CPU generator: same seed, same draws.
+    torch.cuda.manual_seed(7)
+    a = torch.rand(3)
+    torch.cuda.set_rng_state(torch.cuda.get_rng_state())
+    torch.manual_seed(7)
+    assert torch.equal(a, torch.rand(3))
+
+
+def test_torch_grad_clipping_matches_torch_reference():
+    import torch
+    clip = patches._torch_clip_grad_norm(None)
+    params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    for p in params:
+        p.grad = torch.randn_like(p) * 10
+    ref = [p.grad.clone() for p in params]
+    expected_norm = torch.sqrt(sum((g ** 2).sum() for g in ref)).item()
+    norm = clip(params, max_norm=1.0)
+    assert norm == pytest.approx(expected_norm, rel=1e-5)
+    clipped = torch.sqrt(sum((p.grad ** 2).sum() for p in params)).item()
+    assert clipped == pytest.approx(1.0, rel=1e-4)

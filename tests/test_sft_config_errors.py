@@ -1,0 +1,41 @@
+"""Bad SFT configs end with one readable message naming the key, exit 2, no traceback, no model built."""
+import pytest
+
+from tests.conftest import run_stage
+
+CASES = [
+    # (overrides, key the message must name, words it must contain)
+    (["model.tensor_model_parallel_size=3", "trainer.devices=3"], "model.tensor_model_parallel_size",
+     "does not divide num_attention_heads=4"),
+    (["parallel=cpu_tp2"], "trainer.devices", "launcher"),  # tp2 profile wants 2 ranks, none launched
+    (["model.global_batch_size=6"], "model.global_batch_size", "multiple of micro_batch_size"),
+    (["model.optim.name=distributed_fused_adam"], "model.optim.name", "PEFT"),
+    (["model.data.train_ds.file_names=[/nonexistent/train.jsonl]"], "model.data.train_ds.file_names",
+     "file not found: /nonexistent/train.jsonl"),
+    (["model.restore_from_path=/nonexistent/base.nemo"], "model.restore_from_path", "file not found"),
+    (["model.peft.lora_tuning.target_modules=[attention_qkv,q_proj]"], "model.peft.lora_tuning.target_modules",
+     "q_proj"),
+    (["model.hidden_size=4096"], "model.hidden_size", "was built with 64"),
+    (["model.pipeline_model_parallel_size=3", "trainer.devices=3"], "model.pipeline_model_parallel_size",
+     "does not divide num_layers=2"),
+    (["model.data.train_ds.packed_sequence=true"], "model.micro_batch_size", "micro_batch_size=1"),
+    (["model.data.train_ds.prompt_template='{output} {input}'"], "model.data.train_ds.prompt_template",
+     "must end with the label"),
+]
+
+
+@pytest.mark.parametrize("overrides,key,words", CASES, ids=[c[1] + ":" + c[0][0] for c in CASES])
+def test_bad_config_is_one_clear_message(overrides, key, words, tmp_path):
+    proc = run_stage("sft", f"run.dir={tmp_path}", *overrides, check=False, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    assert "config error" in proc.stderr and "nothing was started" in proc.stderr
+    assert f"{key}:" in proc.stderr and words in proc.stderr, proc.stderr
+    assert not (tmp_path / "nemo").exists()  # no trainer, no model
+
+
+def test_composed_config_prints_with_overrides(tmp_path):
+    proc = run_stage("sft", "--cfg", "job", "model.peft.lora_tuning.adapter_dim=32", "trainer.max_steps=50",
+                     "parallel=cpu_tp2", check=True, timeout=60)
+    assert "adapter_dim: 32" in proc.stdout and "max_steps: 50" in proc.stdout
+    assert "tensor_model_parallel_size: 2" in proc.stdout and "peft_scheme: lora" in proc.stdout

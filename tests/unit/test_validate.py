@@ -1,0 +1,68 @@
+"""Config validation is pure Python: it answers before NeMo is imported."""
+import subprocess
+import sys
+
+from omegaconf import OmegaConf
+
+from nemo_ft.config.validate import fill_defaults, read_nemo_config, validate_sft
+from nemo_ft.paths import REPO_ROOT
+
+
+def _cfg(**model):
+    base = {
+        "trainer": {"devices": 1, "num_nodes": 1, "max_steps": 10, "val_check_interval": 20},
+        "run": {"check_arch": True},
+        "model": {
+            "restore_from_path": str(REPO_ROOT / "data/tiny/tiny_llama.nemo"),
+            "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
+            "num_attention_heads": 4, "num_query_groups": 2, "num_layers": 2, "hidden_size": 64,
+            "micro_batch_size": 4, "global_batch_size": 8, "max_position_embeddings": 128,
+            "optim": {"name": "adam"},
+            "peft": {"peft_scheme": "lora", "lora_tuning": {"adapter_dim": 8, "target_modules": ["attention_qkv"]}},
+            "data": {"train_ds": {"file_names": [str(REPO_ROOT / "data/sample/sft_train.jsonl")],
+                                  "prompt_template": "{input}{output}", "label_key": "output", "max_seq_length": 128},
+                     "validation_ds": {"file_names": [str(REPO_ROOT / "data/sample/sft_validation.jsonl")]}},
+        },
+    }
+    cfg = OmegaConf.create(base)
+    for k, v in model.items():
+        OmegaConf.update(cfg, k, v)
+    return cfg
+
+
+def keys(cfg):
+    return [e.key for e in validate_sft(cfg)]
+
+
+def test_good_config_has_no_errors():
+    assert keys(_cfg()) == []
+
+
+def test_each_bad_value_names_its_key():
+    assert keys(_cfg(**{"trainer.devices": 3, "model.tensor_model_parallel_size": 3})) == [
+        "trainer.devices", "model.tensor_model_parallel_size", "model.tensor_model_parallel_size"]
+    assert "model.global_batch_size" in keys(_cfg(**{"model.global_batch_size": 6}))
+    assert "model.num_layers" not in keys(_cfg())
+    assert keys(_cfg(**{"model.hidden_size": 128})) == ["model.hidden_size"]
+    assert keys(_cfg(**{"model.peft.lora_tuning.adapter_dim": 0})) == ["model.peft.lora_tuning.adapter_dim"]
+    assert keys(_cfg(**{"model.data.train_ds.concat_sampling_probabilities": [0.5, 0.5]})) == [
+        "model.data.train_ds.concat_sampling_probabilities"]
+
+
+def test_fill_defaults_clamps_validation_interval_and_fills_probabilities():
+    cfg = _cfg()
+    notes = fill_defaults(cfg)
+    assert cfg.trainer.val_check_interval == 10 and notes
+    assert list(cfg.model.data.train_ds.concat_sampling_probabilities) == [1.0]
+
+
+def test_reads_the_config_inside_a_nemo():
+    conf = read_nemo_config(REPO_ROOT / "data/tiny/tiny_llama.nemo")
+    assert conf["hidden_size"] == 64 and conf["num_query_groups"] == 2 and conf["activation"] == "fast-swiglu"
+
+
+def test_validation_imports_no_heavy_stack():
+    code = ("import sys, nemo_ft.config.validate, nemo_ft.cli; "
+            "print([m for m in ('torch', 'nemo', 'megatron', 'lightning') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
