@@ -39,3 +39,24 @@ def test_composed_config_prints_with_overrides(tmp_path):
                      "parallel=cpu_tp2", check=True, timeout=60)
     assert "adapter_dim: 32" in proc.stdout and "max_steps: 50" in proc.stdout
     assert "tensor_model_parallel_size: 2" in proc.stdout and "peft_scheme: lora" in proc.stdout
+
+
+def test_data_prepared_for_another_tokenizer_or_template_is_refused(tmp_path):
+    import json
+    import shutil
+
+    from nemo_ft.paths import REPO_ROOT
+    data = tmp_path / "prep"
+    data.mkdir()
+    for name in ("sft_train.jsonl", "sft_validation.jsonl"):
+        shutil.copy(REPO_ROOT / "data/sample" / name, data / name)
+    (data / "manifest.json").write_text(json.dumps({
+        "stage": "prep",
+        "tokenizer": {"model": "/elsewhere/other.model", "sha256": "0" * 64},
+        "template": {"prompt_template": "Q: {input}\nA: {output}", "label_key": "output", "add_eos": True},
+    }))
+    proc = run_stage("sft", f"run.dir={tmp_path / 'run'}", f"model.data.train_ds.file_names=[{data}/sft_train.jsonl]",
+                     f"model.data.validation_ds.file_names=[{data}/sft_validation.jsonl]", check=False, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "model.data.train_ds.prompt_template: " in proc.stderr and "was prepared with prompt_template" in proc.stderr
+    assert "model.data.train_ds.file_names: " in proc.stderr and "carries another tokenizer" in proc.stderr

@@ -162,6 +162,64 @@ def check_data(cfg) -> Iterable[ConfigError]:
                           f"{seq} exceeds the model's max_position_embeddings={max_pos}")
 
 
+def nemo_tokenizer_sha256(path: str | Path) -> str | None:
+    """sha256 of the tokenizer model file packed inside a .nemo (None if it has none)."""
+    import hashlib
+
+    conf = read_nemo_config(path)
+    ref = str((conf.get("tokenizer") or {}).get("model") or "")
+    name = ref.split(":", 1)[-1].rsplit("/", 1)[-1]
+    if not name:
+        return None
+    path = Path(path)
+    if path.is_dir():
+        return hashlib.sha256((path / name).read_bytes()).hexdigest() if (path / name).exists() else None
+    with tarfile.open(path, "r:*") as tar:
+        for member in tar.getmembers():
+            if Path(member.name).name == name:
+                return hashlib.sha256(tar.extractfile(member).read()).hexdigest()
+    return None
+
+
+def check_prep_provenance(cfg) -> Iterable[ConfigError]:
+    """Data written by `nemo-ft prep` carries a manifest: its tokenizer and template must match SFT's."""
+    import json
+
+    if OmegaConf.is_missing(cfg, "model.data.train_ds.file_names"):
+        return
+    seen = set()
+    for f in _files(OmegaConf.select(cfg, "model.data.train_ds.file_names", default=None)):
+        manifest = Path(f).parent / "manifest.json"
+        if manifest in seen or not manifest.exists():
+            continue
+        seen.add(manifest)
+        try:
+            m = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            continue
+        if m.get("stage") != "prep":
+            continue
+        template = m.get("template") or {}
+        ds = "model.data.train_ds"
+        for key in ("prompt_template", "label_key", "add_eos", "add_bos"):
+            want, have = template.get(key), OmegaConf.select(cfg, f"{ds}.{key}", default=None)
+            if want is not None and have is not None and want != have:
+                yield ConfigError(f"{ds}.{key}", f"{f} was prepared with {key}={want!r} ({manifest}) but sft uses "
+                                                 f"{have!r}; set {ds}.{key}={want!r} or re-run prep")
+        prep_tok = (m.get("tokenizer") or {}).get("sha256")
+        base = OmegaConf.select(cfg, "model.restore_from_path", default=None)
+        if prep_tok and base and Path(base).exists():
+            try:
+                base_tok = nemo_tokenizer_sha256(base)
+            except (tarfile.TarError, OSError, ConfigError):
+                base_tok = None
+            if base_tok and base_tok != prep_tok:
+                yield ConfigError(f"{ds}.file_names",
+                                  f"{f} was tokenized by prep with {m['tokenizer'].get('model')} (sha256 "
+                                  f"{prep_tok[:12]}), but {Path(base).name} carries another tokenizer (sha256 "
+                                  f"{base_tok[:12]}); re-run prep with tokenizer.model set to the base's tokenizer")
+
+
 def check_restore(cfg) -> Iterable[ConfigError]:
     key = "model.restore_from_path"
     if OmegaConf.is_missing(cfg, key) or not OmegaConf.select(cfg, key):
@@ -225,7 +283,7 @@ def fill_defaults(cfg: DictConfig) -> list[str]:
 
 def validate_sft(cfg: DictConfig) -> list[ConfigError]:
     errors: list[ConfigError] = []
-    for check in (check_restore, check_parallel, check_peft, check_data):
+    for check in (check_restore, check_parallel, check_peft, check_data, check_prep_provenance):
         errors.extend(check(cfg))
     return errors
 

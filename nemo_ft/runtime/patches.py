@@ -105,6 +105,18 @@ def _adapter_layer_forward(original):
     return forward
 
 
+def _sampler_full_epoch_len(original):
+    # Lightning 2.x restores batch_progress.current.ready on resume and adds it to the fetcher's
+    # count (training_epoch_loop.py), but NeMo's sequential sampler also drops consumed_samples from
+    # len(): the resumed epoch "ends" after one batch and the sampler restarts at consumed_samples,
+    # so data repeats (or Lightning refuses val_check_interval > len). Count the whole epoch, as
+    # NeMo 2's own sampler in nemo/lightning/data.py does.
+    def __len__(self):
+        gbs = self.global_batch_size
+        return self.total_samples // gbs if self.drop_last else (self.total_samples + gbs - 1) // gbs
+    return __len__
+
+
 def _adjust_kv_five(original):
     # megatron-core 0.13 returns 6 values (adds block_table); NeMo's mixin unpacks 5. The sixth is
     # None outside paged inference, which the LoRA training path never uses.
@@ -195,6 +207,10 @@ NEMO_FIXES = [
           "MCoreSelfAttentionMixin._adjust_key_value_for_inference",
           "megatron-core 0.13 returns 6 values, NeMo's LoRA mixin unpacks 5",
           _adjust_kv_five),
+    Patch("nemo.collections.nlp.data.language_modeling.megatron.megatron_batch_samplers:"
+          "MegatronPretrainingBatchSampler.__len__",
+          "mid-epoch resume: len must count the whole epoch, else the resumed epoch ends early and data repeats",
+          _sampler_full_epoch_len),
     Patch("nemo.collections.nlp.modules.common.megatron.adapters.mcore_mixins:MCoreTransformerLayerMixin.forward",
           "canonical adapter layer mixin predates megatron-core 0.13's layer keywords",
           _adapter_layer_forward),
