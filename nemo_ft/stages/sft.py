@@ -228,7 +228,13 @@ def _sha256(path: Path) -> str:
 
 
 def write_manifest(run_dir: Path, cfg: DictConfig, adapter: Path, summary: dict) -> None:
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "unknown"
 
     files = list(OmegaConf.to_container(cfg.model.data.train_ds.file_names, resolve=True))
     files += list(OmegaConf.to_container(cfg.model.data.validation_ds.file_names, resolve=True))
@@ -238,7 +244,7 @@ def write_manifest(run_dir: Path, cfg: DictConfig, adapter: Path, summary: dict)
         "outputs": {str(adapter): _sha256(adapter)},
         "summary": summary,
         "config": OmegaConf.to_container(cfg, resolve=True),
-        "versions": {p: version(p) for p in ("nemo_toolkit", "megatron-core", "torch", "lightning")},
+        "versions": {p: installed(p) for p in ("nemo_toolkit", "megatron-core", "torch", "lightning")},
     }
     tmp = run_dir / ".manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, default=str))
