@@ -11,8 +11,8 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 if [ -f nemo_ft/stages/prep.py ]; then
   say "prep: validate, normalize, dedup, split the shipped sample data -> $OUT/prep"
   $PY -m nemo_ft.stages.prep out_dir="$OUT/prep" "template.prompt_template='{input}{output}'" \
-    'inputs=[{path: data/sample/sft_train.jsonl, weight: 1.0}, {path: data/sample/sft_validation.jsonl, weight: 1.0}]' \
-    split.validation=0.15 split.test=0.05
+    'inputs=[{path: data/sample/sft_train.jsonl, weight: 0.857}, {path: data/sample/sft_validation.jsonl, weight: 0.143}]' \
+    split.train=0.8 split.validation=0.15 split.test=0.05
   TRAIN="$OUT/prep/train.jsonl"; VAL="$OUT/prep/validation.jsonl"
 else
   TRAIN=data/sample/sft_train.jsonl; VAL=data/sample/sft_validation.jsonl

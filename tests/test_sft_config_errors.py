@@ -60,3 +60,12 @@ def test_data_prepared_for_another_tokenizer_or_template_is_refused(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "model.data.train_ds.prompt_template: " in proc.stderr and "was prepared with prompt_template" in proc.stderr
     assert "model.data.train_ds.file_names: " in proc.stderr and "carries another tokenizer" in proc.stderr
+
+
+def test_layout_that_cannot_fit_the_named_gpu_is_refused(tmp_path):
+    proc = run_stage("sft", f"run.dir={tmp_path}", "plan.gpu={name: toy_0.5gb, memory_gb: 0.5}",
+                     check=False, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "fits: NO" in proc.stderr and "does not fit" in proc.stderr and "plan.enforce=false" in proc.stderr
+    assert "buffers" in proc.stderr and "capacity 0.50 GB" in proc.stderr  # the breakdown, not just a verdict
+    assert not (tmp_path / "nemo").exists()

@@ -117,6 +117,32 @@ def _sampler_full_epoch_len(original):
     return __len__
 
 
+def _packed_local_attention(original):
+    # NeMo's packed-sequence SFT hands attention a THD batch (one pack, cu_seqlens boundaries) that
+    # only Transformer Engine's attention accepts. The obvious workaround (drop cu_seqlens) lets each
+    # token attend across the examples of its pack. Instead give the local attention a block-diagonal
+    # causal mask built from the boundaries: every example attends only to itself.
+    import torch
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if packed_seq_params is None:
+            return original(self, query, key, value, attention_mask, attn_mask_type, attention_bias)
+        cu = packed_seq_params.cu_seqlens_q_padded
+        if cu is None:
+            cu = packed_seq_params.cu_seqlens_q
+        t = query.size(0)
+        pos = torch.arange(t, device=query.device)
+        segment = torch.bucketize(pos, cu[1:].to(query.device), right=True)  # example index of each token
+        allowed = (segment[:, None] == segment[None, :]) & (pos[:, None] >= pos[None, :])
+        mask = (~allowed)[None, None]  # megatron convention: True = masked out; [1, 1, t, t]
+        # The attention mixin squeezed the batch dimension for THD: [t, heads, dim] -> [t, 1, heads, dim].
+        out = original(self, query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), mask, attn_mask_type,
+                       attention_bias)
+        return out.reshape(t, -1)
+    return forward
+
+
 def _adjust_kv_five(original):
     # megatron-core 0.13 returns 6 values (adds block_table); NeMo's mixin unpacks 5. The sixth is
     # None outside paged inference, which the LoRA training path never uses.
@@ -214,6 +240,12 @@ NEMO_FIXES = [
     Patch("nemo.collections.nlp.modules.common.megatron.adapters.mcore_mixins:MCoreTransformerLayerMixin.forward",
           "canonical adapter layer mixin predates megatron-core 0.13's layer keywords",
           _adapter_layer_forward),
+    Patch("megatron.core.transformer.dot_product_attention:DotProductAttention.forward",
+          "packed sequences need TE's THD attention; without TE mask each packed example to itself",
+          _packed_local_attention, when=lambda: not _have("transformer_engine")),
+    Patch("nemo.collections.nlp.models.language_modeling.megatron_gpt_model:is_te_min_version",
+          "the packed GQA path compares TE's version unguarded (TypeError on None without TE)",
+          lambda _orig: lambda *a, **k: False, when=lambda: not _have("transformer_engine")),
     Patch("nemo.collections.nlp.models.language_modeling.megatron_gpt_model:get_specs",
           "get_specs builds the TE spec eagerly (NameError without Transformer Engine)",
           _local_spec_without_te, when=lambda: not _have("transformer_engine")),

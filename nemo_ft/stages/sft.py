@@ -115,7 +115,9 @@ def plan_memory(cfg: DictConfig, cuda: bool) -> dict:
         estimate = plan.estimate(pcfg)
     except ConfigError as err:
         common.fail("sft", [err])
-    if cuda and cfg.plan.enforce and pcfg.gpu and not estimate.fits:
+    # Enforced wherever the GPU is known: detected on a GPU run, or named with plan.gpu (which also
+    # lets a CPU dry run check a cluster layout).
+    if cfg.plan.enforce and pcfg.gpu and not estimate.fits:
         ok, message = plan.check_fits(pcfg)
         print(message + "\n(override with plan.enforce=false)", file=sys.stderr)
         sys.exit(2)
