@@ -131,3 +131,20 @@ def test_resume_matches_uninterrupted_run(tmp_path, stop_at):
             assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), (a["step"], key)
     final = {r["step"]: r["val_loss"] for r in v_res}
     assert final[20] == pytest.approx(v_full[-1]["val_loss"], abs=1e-6)
+
+
+def test_pp2_matches_tp1_and_saves_both_stages(sft_tp1, tmp_path):
+    """Adapters are seeded per global layer (nemo_ft.runtime), so PP=2 starts from TP=1's weights."""
+    run_stage("sft", f"run.dir={tmp_path}", "parallel=cpu_pp2", *SFT_FAST, nproc=2)
+    t1, v1 = read_metrics(sft_tp1)
+    t2, v2 = read_metrics(tmp_path)
+    assert len(t2) == 60
+    for a, b in zip(t1, t2):
+        assert b["reduced_train_loss"] == pytest.approx(a["reduced_train_loss"], abs=1e-4), a["step"]
+    for a, b in zip(v1, v2):
+        assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-4)
+    with tarfile.open(tmp_path / "adapter.nemo") as tar:
+        shards = {m.name.lstrip("./"): torch.load(tar.extractfile(m), map_location="cpu", weights_only=True)
+                  for m in tar.getmembers() if m.name.endswith("model_weights.ckpt")}
+    assert sorted(shards) == ["tp_rank_00_pp_rank_000/model_weights.ckpt", "tp_rank_00_pp_rank_001/model_weights.ckpt"]
+    assert all(len(sd) == 2 for sd in shards.values())  # one layer's linear_in + linear_out per stage
