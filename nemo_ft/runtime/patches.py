@@ -120,8 +120,9 @@ def _sampler_full_epoch_len(original):
 def _packed_local_attention(original):
     # NeMo's packed-sequence SFT hands attention a THD batch (one pack, cu_seqlens boundaries) that
     # only Transformer Engine's attention accepts. The obvious workaround (drop cu_seqlens) lets each
-    # token attend across the examples of its pack. Instead give the local attention a block-diagonal
-    # causal mask built from the boundaries: every example attends only to itself.
+    # token attend across the examples of its pack. Instead run megatron's own local attention once
+    # per example of the pack (its usual causal mask): every example attends only to itself, with
+    # the same arithmetic as unpacked, and the cost is sum(l_i^2), not (sum l_i)^2.
     import torch
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
@@ -131,15 +132,15 @@ def _packed_local_attention(original):
         cu = packed_seq_params.cu_seqlens_q_padded
         if cu is None:
             cu = packed_seq_params.cu_seqlens_q
+        bounds = [int(x) for x in cu.tolist()]
         t = query.size(0)
-        pos = torch.arange(t, device=query.device)
-        segment = torch.bucketize(pos, cu[1:].to(query.device), right=True)  # example index of each token
-        allowed = (segment[:, None] == segment[None, :]) & (pos[:, None] >= pos[None, :])
-        mask = (~allowed)[None, None]  # megatron convention: True = masked out; [1, 1, t, t]
-        # The attention mixin squeezed the batch dimension for THD: [t, heads, dim] -> [t, 1, heads, dim].
-        out = original(self, query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), mask, attn_mask_type,
-                       attention_bias)
-        return out.reshape(t, -1)
+        if bounds[-1] < t:  # trailing padding forms a segment of its own
+            bounds.append(t)
+        # The attention mixin squeezed the batch dimension for THD: [t, heads, dim] -> [l, 1, heads, dim].
+        parts = [original(self, query[a:b].unsqueeze(1), key[a:b].unsqueeze(1), value[a:b].unsqueeze(1), None,
+                          attn_mask_type, attention_bias)
+                 for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        return torch.cat(parts, dim=0).reshape(t, -1)
     return forward
 
 

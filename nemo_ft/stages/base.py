@@ -71,7 +71,7 @@ def run(cfg: DictConfig) -> Path:
     rt = runtime.prepare(cfg)
     from nemo.collections.nlp.models.language_modeling.megatron_gpt_sft_model import MegatronGPTSFTModel
 
-    cfg = common.nemo_model_cfg(cfg)
+    cfg = common.nemo_model_cfg(cfg, keep_arch=True)
     trainer = common.build_trainer(cfg, run_dir)
     model = MegatronGPTSFTModel(cfg.model, trainer=trainer)
     runtime.sync_app_state()

@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from nemo_ft.config import ConfigError
-from nemo_ft.config.validate import PROFILE_ONLY_KEYS, format_errors
+from nemo_ft.config.validate import ARCH_KEYS, PROFILE_ONLY_KEYS, format_errors
 
 
 def fail(stage: str, errors: list[ConfigError]) -> None:
@@ -26,22 +26,19 @@ def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def nemo_model_cfg(cfg: DictConfig) -> DictConfig:
-    """cfg with our profile-only keys (which NeMo does not know) and null arch keys removed from model."""
+def nemo_model_cfg(cfg: DictConfig, keep_arch: bool = False) -> DictConfig:
+    """cfg as NeMo should see it: without our profile-only keys and, unless building a model from
+    scratch (keep_arch), without the profile's architecture keys. A restored checkpoint's own config
+    is the truth for its shapes; the profile's copy is only checked against it (run.check_arch) and
+    sized by the planner, never merged over it."""
     cfg = cfg.copy()
     with open_dict(cfg):
         for key in PROFILE_ONLY_KEYS:
             cfg.model.pop(key, None)
-        for key in [k for k, v in cfg.model.items() if v is None and k in _NULL_MEANS_FROM_CHECKPOINT]:
-            cfg.model.pop(key)
+        for key in ARCH_KEYS + ("make_vocab_size_divisible_by",):
+            if not keep_arch or cfg.model.get(key) is None:
+                cfg.model.pop(key, None)
     return cfg
-
-
-# Arch keys a model profile may leave null to mean "whatever the checkpoint has".
-_NULL_MEANS_FROM_CHECKPOINT = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                               "num_query_groups", "kv_channels", "encoder_seq_length", "max_position_embeddings",
-                               "normalization", "activation", "position_embedding_type", "bias",
-                               "share_embeddings_and_output_weights", "make_vocab_size_divisible_by")
 
 
 def metrics_callback(path: Path):
