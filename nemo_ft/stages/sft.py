@@ -158,7 +158,7 @@ def run(cfg: DictConfig) -> dict:
 
     common.quiet_nemo()
     rt = runtime.prepare(cfg)
-    for note in notes:
+    for note in notes if rt.rank == 0 else ():
         print(f"[nemo-ft sft] note: {note}")
     if validate_only:
         cfg.exp_manager.create_checkpoint_callback = False
