@@ -21,6 +21,7 @@ CASES = [
     (["model.data.train_ds.packed_sequence=true"], "model.micro_batch_size", "micro_batch_size=1"),
     (["model.data.train_ds.prompt_template='{output} {input}'"], "model.data.train_ds.prompt_template",
      "must end with the label"),
+    (["peft=qlora"], "model.peft.peft_scheme", "NGC container"),
 ]
 
 

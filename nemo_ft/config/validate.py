@@ -107,6 +107,10 @@ def check_peft(cfg) -> Iterable[ConfigError]:
         yield ConfigError("model.optim.name",
                           f"{optim} shards the whole model's optimizer state and NeMo refuses it with PEFT; "
                           "use model.optim.name=fused_adam (GPU, apex) or adam")
+    if "qlora" in schemes and str(OmegaConf.select(cfg, "trainer.accelerator", default="gpu")) == "cpu":
+        yield ConfigError("model.peft.peft_scheme",
+                          "qlora quantizes the base to NF4 with Transformer Engine and NVIDIA modelopt, which exist "
+                          "only on GPUs in the NGC container; use peft=lora on CPU (nemo-ft plan sizes qlora anywhere)")
     if "lora" in schemes or "qlora" in schemes:
         dim = _int(cfg, "model.peft.lora_tuning.adapter_dim", 0)
         if dim < 1:

@@ -209,6 +209,19 @@ def _torch_norm(kind):
     return make
 
 
+def _cast_if_autocast_enabled(_missing):
+    # apex's helper, imported by NeMo's fused bias-GeLU (the p-tuning prompt encoder) and friends:
+    # cast the arguments to the autocast dtype when autocast is on, else pass them through.
+    import torch
+
+    def cast(*args):
+        if not torch.is_autocast_enabled():
+            return args
+        dtype = torch.get_autocast_dtype("cuda")
+        return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    return cast
+
+
 def _nemo_version_default(original):
     # NeMo parses NVIDIA_PYTORCH_VERSION unguarded outside the NGC container (TypeError on None).
     def enable(self, *args, **kwargs):
@@ -284,6 +297,10 @@ NEMO_FIXES = [
             "weight-decay param groups (full fine-tuning) exempt apex norms by class (NameError without apex)",
             _torch_norm(kind), when=lambda: not _have_apex(), missing_ok=True)
       for name, kind in (("FusedLayerNorm", "ln"), ("FastLayerNorm", "ln"), ("MixedFusedRMSNorm", "rms"))],
+    *[Patch(f"nemo.collections.nlp.modules.common.megatron.{module}:_cast_if_autocast_enabled",
+            "fused bias kernels (p-tuning's prompt encoder) call apex's autocast helper (NameError without apex)",
+            _cast_if_autocast_enabled, when=lambda: not _have_apex(), missing_ok=True)
+      for module in ("fused_bias_gelu", "fused_bias_geglu", "fused_bias_dropout_add")],
     Patch("nemo.collections.nlp.models.language_modeling.megatron_base_model:MegatronBaseModel._enable_nvidia_optimizations",
           "NVIDIA_PYTORCH_VERSION unset -> TypeError outside the NGC container",
           _nemo_version_default),

@@ -99,7 +99,7 @@ def test_tp2_adapter_round_trip(sft_tp2, tmp_path):
 
 
 def test_other_peft_schemes_train_and_save(tmp_path):
-    for scheme in ("ia3", "adapter"):
+    for scheme in ("ia3", "adapter", "ptuning"):
         run_dir = tmp_path / scheme
         run_stage("sft", f"run.dir={run_dir}", f"peft={scheme}", "trainer.enable_progress_bar=false",
                   "trainer.max_steps=10", "trainer.val_check_interval=10")
