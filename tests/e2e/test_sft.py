@@ -3,14 +3,26 @@ import json
 import tarfile
 
 import pytest
-import torch
 
+from nemo_ft.stages.sft import adapter_tensors
 from tests.conftest import SFT_FAST, read_metrics, run_stage
 
 pytestmark = pytest.mark.e2e
 
 # LoRA r=32 on attention_qkv of the tiny base: per layer A is 64x32, B is 32x(4+2*2)*16.
 TINY_LORA_QKV_R32 = 2 * (64 * 32 + 32 * 128)
+
+
+def assert_same_curves(run_a, run_b, tol=1e-4):
+    """Two runs of the same config on different layouts: equal train/validation curves."""
+    t1, v1 = read_metrics(run_a)
+    t2, v2 = read_metrics(run_b)
+    assert len(t1) == len(t2) == 60 and len(v1) == len(v2)
+    for a, b in zip(t1, t2):
+        assert b["reduced_train_loss"] == pytest.approx(a["reduced_train_loss"], abs=tol), a["step"]
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=tol), a["step"]
+    for a, b in zip(v1, v2):
+        assert b["val_loss"] == pytest.approx(a["val_loss"], abs=tol)
 
 
 def _summary(run_dir):
@@ -36,8 +48,8 @@ def test_adapter_holds_only_adapter_weights_and_base_is_frozen(sft_tp1):
     adapter = sft_tp1 / "adapter.nemo"
     with tarfile.open(adapter) as tar:
         names = [n.lstrip("./") for n in tar.getnames()]
-        weights = torch.load(tar.extractfile("./model_weights.ckpt"), map_location="cpu", weights_only=True)
     assert "model_config.yaml" in names
+    weights = adapter_tensors(adapter)["model_weights.ckpt"]
     assert all("adapter_layer.lora_kqv_adapter" in k for k in weights), sorted(weights)
     assert len(weights) == 4  # linear_in + linear_out, 2 layers
     assert sum(t.numel() for t in weights.values()) == TINY_LORA_QKV_R32
@@ -72,17 +84,8 @@ def test_round_trip_restore_gives_final_validation_loss(sft_tp1, tmp_path):
 
 
 def test_tp2_matches_tp1_and_saves_both_ranks(sft_tp1, sft_tp2):
-    t1, v1 = read_metrics(sft_tp1)
-    t2, v2 = read_metrics(sft_tp2)
-    assert len(t1) == len(t2) == 60
-    for a, b in zip(t1, t2):
-        assert b["reduced_train_loss"] == pytest.approx(a["reduced_train_loss"], abs=1e-4), a["step"]
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), a["step"]
-    for a, b in zip(v1, v2):
-        assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-4)
-    with tarfile.open(sft_tp2 / "adapter.nemo") as tar:
-        shards = {m.name.lstrip("./"): torch.load(tar.extractfile(m), map_location="cpu", weights_only=True)
-                  for m in tar.getmembers() if m.name.endswith("model_weights.ckpt")}
+    assert_same_curves(sft_tp1, sft_tp2)
+    shards = adapter_tensors(sft_tp2 / "adapter.nemo")
     assert sorted(shards) == ["mp_rank_00/model_weights.ckpt", "mp_rank_01/model_weights.ckpt"]
     for sd in shards.values():
         assert len(sd) == 4 and all(t.numel() > 0 for t in sd.values())
@@ -136,15 +139,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, stop_at):
 def test_pp2_matches_tp1_and_saves_both_stages(sft_tp1, tmp_path):
     """Adapters are seeded per global layer (nemo_ft.runtime), so PP=2 starts from TP=1's weights."""
     run_stage("sft", f"run.dir={tmp_path}", "parallel=cpu_pp2", *SFT_FAST, nproc=2)
-    t1, v1 = read_metrics(sft_tp1)
-    t2, v2 = read_metrics(tmp_path)
-    assert len(t2) == 60
-    for a, b in zip(t1, t2):
-        assert b["reduced_train_loss"] == pytest.approx(a["reduced_train_loss"], abs=1e-4), a["step"]
-    for a, b in zip(v1, v2):
-        assert b["val_loss"] == pytest.approx(a["val_loss"], abs=1e-4)
-    with tarfile.open(tmp_path / "adapter.nemo") as tar:
-        shards = {m.name.lstrip("./"): torch.load(tar.extractfile(m), map_location="cpu", weights_only=True)
-                  for m in tar.getmembers() if m.name.endswith("model_weights.ckpt")}
+    assert_same_curves(sft_tp1, tmp_path)
+    shards = adapter_tensors(tmp_path / "adapter.nemo")
     assert sorted(shards) == ["tp_rank_00_pp_rank_000/model_weights.ckpt", "tp_rank_00_pp_rank_001/model_weights.ckpt"]
     assert all(len(sd) == 2 for sd in shards.values())  # one layer's linear_in + linear_out per stage
