@@ -30,3 +30,13 @@ def test_base_builds_a_llama_shaped_nemo_that_learns_and_restores(tmp_path):
                      f"model.data.validation_ds.file_names=[{run_dir / 'data/pretrain_validation.jsonl'}]")
     line = [ln for ln in proc.stdout.splitlines() if "validation loss of base +" in ln][-1]
     assert float(line.rsplit(":", 1)[1]) == pytest.approx(val[-1]["val_loss"], abs=1e-4)
+
+
+def test_base_build_is_deterministic(tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        run_stage("base", f"run.dir={tmp_path / name}", "trainer.max_steps=15", "trainer.val_check_interval=15",
+                  "trainer.enable_progress_bar=false")
+        runs.append(read_metrics(tmp_path / name)[0])
+    assert [(r["reduced_train_loss"], r["grad_norm"]) for r in runs[0]] == \
+        [(r["reduced_train_loss"], r["grad_norm"]) for r in runs[1]]
