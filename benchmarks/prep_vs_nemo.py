@@ -8,7 +8,11 @@ plot, manifest, best-fit-decreasing pack) — it does more work than NeMo's path
 Each side runs in its own subprocess so peak RSS is its own.
 
     .venv/bin/python benchmarks/prep_vs_nemo.py [--rows 20000] [--seq 512]
-writes benchmarks/results/prep_vs_nemo.md
+writes benchmarks/results/prep_vs_nemo.md;
+
+    .venv/bin/python benchmarks/prep_vs_nemo.py --memory --rows 1000000
+runs only our side (near-dup on, then off) on that many rows and writes its peak RSS into the
+"Memory" section of the same file (kept when the speed table is rewritten, and vice versa).
 """
 import argparse
 import json
@@ -94,10 +98,54 @@ def run_side(args: list) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+RESULTS = os.path.join(REPO, "benchmarks", "results", "prep_vs_nemo.md")
+MEMORY_MARK = "<!-- memory section: written by --memory -->"
+
+
+def write_results(speed: str = None, memory: str = None) -> None:
+    """Rewrite one of the two sections of the results file, keeping the other."""
+    old = open(RESULTS).read() if os.path.exists(RESULTS) else ""
+    old_speed, _, old_memory = old.partition(MEMORY_MARK)
+    speed = speed if speed is not None else old_speed.rstrip("\n")
+    memory = memory if memory is not None else old_memory.strip("\n")
+    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    with open(RESULTS, "w") as f:
+        f.write(speed + "\n\n" + MEMORY_MARK + "\n" + memory + "\n")
+
+
+def memory_run(rows: int, seq: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "bench.jsonl")
+        make_data(data, rows)
+        size_mb = os.path.getsize(data) / 1e6
+        runs = {}
+        for name, extra in (("near-dup on", "near"), ("near-dup off", "off")):
+            out = tempfile.mkdtemp(dir=tmp)
+            runs[name] = run_side(["ours", data, out, str(seq), extra])
+            print(name, runs[name], flush=True)
+    lines = [
+        "## Memory (our side only)",
+        "",
+        f"{rows:,} generated rows ({size_mb:,.0f} MB of JSONL, same generator), pack size {seq}, "
+        f"{os.cpu_count()} CPU cores. Peak RSS = largest single process (main or a worker), from "
+        f"getrusage. Made by `benchmarks/prep_vs_nemo.py --memory --rows {rows}`.",
+        "",
+        "| run | rows/s | wall s | packs | fill % | peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in runs.items():
+        lines.append(f"| {name} | {r['rows'] / r['seconds']:,.0f} | {r['seconds']:.1f} | {r['packs']} | "
+                     f"{r['fill']:.2f} | {r['rss_mb']} |")
+    write_results(memory="\n".join(lines))
+    print("\n".join(lines))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=20000)
     ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--repeat", type=int, default=2, help="rounds of the four runs (the machine is noisy)")
+    ap.add_argument("--memory", action="store_true", help="our side only, peak RSS at --rows rows")
     ap.add_argument("--side", nargs="*")
     a = ap.parse_args()
     if a.side:
@@ -105,43 +153,49 @@ def main():
         res = side_ours(data, out, int(seq), extra == "near") if kind == "ours" else side_nemo(data, out, int(seq), extra)
         print(json.dumps(res))
         return
+    if a.memory:
+        memory_run(a.rows, a.seq)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "bench.jsonl")
         make_data(data, a.rows)
-        runs = {}
-        for name, args in [("ours (near-dup on)", ["ours", "near"]), ("ours (near-dup off)", ["ours", "off"]),
-                           ("NeMo first_fit_shuffle", ["nemo", "first_fit_shuffle"]),
-                           ("NeMo first_fit_decreasing", ["nemo", "first_fit_decreasing"])]:
-            out = tempfile.mkdtemp(dir=tmp)
-            runs[name] = run_side([args[0], data, out, str(a.seq), args[1]])
-            print(name, runs[name], flush=True)
-    base = runs["NeMo first_fit_shuffle"]["rows"] / runs["NeMo first_fit_shuffle"]["seconds"]
+        runs = []
+        for rep in range(a.repeat):
+            runs.append({})
+            for name, args in [("ours (near-dup on)", ["ours", "near"]), ("ours (near-dup off)", ["ours", "off"]),
+                               ("NeMo first_fit_shuffle", ["nemo", "first_fit_shuffle"]),
+                               ("NeMo first_fit_decreasing", ["nemo", "first_fit_decreasing"])]:
+                out = tempfile.mkdtemp(dir=tmp)
+                runs[-1][name] = run_side([args[0], data, out, str(a.seq), args[1]])
+                print(rep, name, runs[-1][name], flush=True)
     lines = [
         "# prep + pack vs NeMo's packing path",
         "",
         f"Generated {a.rows} SFT rows (words from data/sample/pretrain.txt), tiny SentencePiece tokenizer "
         f"(vocab 512), pack size {a.seq}, template `{TEMPLATE}`. Machine: {os.cpu_count()} CPU cores, "
-        f"Python {platform.python_version()}, OMP_NUM_THREADS=1. Made by `benchmarks/prep_vs_nemo.py`.",
+        f"Python {platform.python_version()}, OMP_NUM_THREADS=1. Made by `benchmarks/prep_vs_nemo.py "
+        f"--repeat {a.repeat}`: {a.repeat} rounds of the four runs, in turn; ratios are within a round.",
         "",
         "Examples/s = rows / wall seconds of the work itself, module imports excluded (listed apart). "
         "Fill = NeMo's `packing_efficiency`: sum of (len-1) over packs x pack size.",
         "",
-        "| run | examples/s | vs NeMo shuffle | wall s | import s | packs | fill % | peak RSS MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| round | run | examples/s | vs NeMo shuffle | vs NeMo FFD | wall s | import s | packs | fill % | peak RSS MB |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, r in runs.items():
-        eps = r["rows"] / r["seconds"]
-        lines.append(f"| {name} | {eps:,.0f} | {eps / base:.2f}x | {r['seconds']:.2f} | {r['import_s']:.1f} | "
-                     f"{r['packs']} | {r['fill']:.2f} | {r['rss_mb']} |")
+    for rep, rnd in enumerate(runs, 1):
+        base = rnd["NeMo first_fit_shuffle"]["rows"] / rnd["NeMo first_fit_shuffle"]["seconds"]
+        ffd = rnd["NeMo first_fit_decreasing"]["rows"] / rnd["NeMo first_fit_decreasing"]["seconds"]
+        for name, r in rnd.items():
+            eps = r["rows"] / r["seconds"]
+            lines.append(f"| {rep} | {name} | {eps:,.0f} | {eps / base:.2f}x | {eps / ffd:.2f}x | {r['seconds']:.2f} | "
+                         f"{r['import_s']:.1f} | {r['packs']} | {r['fill']:.2f} | {r['rss_mb']} |")
+    runs = runs[-1]
     o = runs["ours (near-dup on)"]
     lines += ["", f"Ours used {o['workers']} worker process(es); best-fit-decreasing packing took {o['pack_s']:.2f} s "
               f"of its wall time. Our run also parses/validates every row, deduplicates (exact, and MinHash LSH "
               f"when on), splits, writes stats.json, lengths.png and manifest.json with sha256 of every file; "
               f"NeMo's path does none of that. Peak RSS is the largest single process (ours: main or a worker).", ""]
-    os.makedirs(os.path.join(REPO, "benchmarks", "results"), exist_ok=True)
-    path = os.path.join(REPO, "benchmarks", "results", "prep_vs_nemo.md")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
+    write_results(speed="\n".join(lines))
     print("\n".join(lines))
 
 

@@ -6,10 +6,7 @@
   rows that differ only in case or spacing count as duplicates and hash to the same split.
 """
 import hashlib
-import re
 import unicodedata
-
-_WS = re.compile(r"\s+")
 
 
 def clean_text(text: str) -> str:
@@ -20,7 +17,9 @@ def clean_text(text: str) -> str:
 
 
 def dedup_text(text: str) -> str:
-    return _WS.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+    # split()/join == re.sub(r"\s+", " ").strip(): both use str.isspace (checked over all of
+    # unicode in the tests), and split/join is ~5x faster.
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
 def example_key(fields, normalized: bool = False) -> bytes:

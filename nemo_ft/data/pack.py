@@ -9,9 +9,10 @@ NeMo's conventions we follow (nemo/utils/sequence_packing_utils.py, GPTSFTPacked
   j+1, is trained on". NeMo builds it as `j >= answer_start_idx - 1 and ids[j] != eos(pad)` and
   the dataset drops each sequence's last position; we build it identically.
 """
+import os
 import pickle
 from array import array
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -35,93 +36,207 @@ class TokenStore:
     def get(self, i: int) -> List[int]:
         return self.ids[self.offsets[i]:self.offsets[i + 1]].tolist()
 
+    def ids_of(self, i: int) -> np.ndarray:
+        return np.frombuffer(self.ids, dtype=np.int32)[self.offsets[i]:self.offsets[i + 1]]
+
     def lengths(self) -> np.ndarray:
         o = np.frombuffer(self.offsets, dtype=np.int64)
         return o[1:] - o[:-1]
 
+    def close(self) -> None:
+        pass
 
-def best_fit_decreasing(sizes: Sequence[int], capacity: int) -> List[List[int]]:
-    """Bins of item indices. Each item goes to the fullest bin it still fits in.
 
-    Sizes are small integers, so bins are bucketed by free space and a big-int bit mask marks
-    the non-empty buckets: "tightest bin with free >= s" is one shift and one lowest-set-bit.
-    Ties keep input order (stable sort), so the result is deterministic.
+class SpillTokenStore(TokenStore):
+    """A TokenStore whose ids live in a file (int32, in row order): 12 bytes of RAM per row.
+
+    Token ids are most of prep's memory (4 bytes a token: ~640 MB at 1M rows of 160 tokens), so
+    they go to disk as they arrive and are read back one row at a time when packing. Plain reads,
+    not a memory map: mapped pages count as the process's resident memory.
     """
-    order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+        self.f = open(path, "w+b")
+        self.n_ids = 0
+
+    def add(self, ids, answer_start: int) -> None:
+        a = np.asarray(ids, dtype=np.int32)
+        self.f.write(a.tobytes())
+        self.n_ids += len(a)
+        self.offsets.append(self.n_ids)
+        self.answer_start.append(answer_start)
+
+    def ids_of(self, i: int) -> np.ndarray:
+        if not self.f.closed:
+            self.f.flush()
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return np.frombuffer(os.pread(self.f.fileno(), 4 * (b - a), 4 * a), dtype=np.int32)
+
+    def get(self, i: int) -> List[int]:
+        return self.ids_of(i).tolist()
+
+    def close(self) -> None:
+        self.f.close()
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+
+def _bfd_assign(sizes: np.ndarray, capacity: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(order, bin of each item): best-fit-decreasing, items placed in `order`.
+
+    Each item goes to the fullest bin it still fits in. Sizes are small integers, so bins are
+    bucketed by free space and a big-int bit mask marks the non-empty buckets: "tightest bin with
+    free >= s" is one shift and one lowest-set-bit. Ties keep input order (stable sort), so the
+    result is deterministic. Arrays, not lists: at 1M rows lists of ints cost ~100 MB.
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    if len(sizes) and int(sizes.max()) > capacity:
+        raise ValueError(f"item of size {int(sizes.max())} does not fit capacity {capacity}")
+    order = np.argsort(-sizes, kind="stable")
+    bin_of = np.empty(len(sizes), dtype=np.int64)
     buckets: List[List[int]] = [[] for _ in range(capacity + 1)]
     mask = 0
-    bins: List[List[int]] = []
-    free: List[int] = []
-    for i in order:
-        s = sizes[i]
-        if s > capacity:
-            raise ValueError(f"item of size {s} does not fit capacity {capacity}")
-        m = mask >> s
-        if m:
-            f = s + (m & -m).bit_length() - 1
-            b = buckets[f].pop()
-            if not buckets[f]:
-                mask &= ~(1 << f)
-            bins[b].append(i)
-        else:
-            b = len(bins)
-            bins.append([i])
-            free.append(capacity)
-            f = capacity
-        nf = f - s
-        free[b] = nf
-        buckets[nf].append(b)
-        mask |= 1 << nf
-    return bins
+    nbins = 0
+    step = 1 << 16
+    for lo in range(0, len(order), step):
+        items = order[lo:lo + step].tolist()
+        for i, s in zip(items, sizes[items].tolist()):
+            m = mask >> s
+            if m:
+                f = s + (m & -m).bit_length() - 1
+                b = buckets[f].pop()
+                if not buckets[f]:
+                    mask &= ~(1 << f)
+            else:
+                b = nbins
+                nbins += 1
+                f = capacity
+            bin_of[i] = b
+            nf = f - s
+            buckets[nf].append(b)
+            mask |= 1 << nf
+    return order, bin_of
 
 
-def pack(store: TokenStore, rows: Sequence[int], seq_length: int, seed: int, eos_id: int
-         ) -> Tuple[List[Dict], Dict]:
-    """Pack `rows` (indices into store, repeats allowed) into NeMo packs of budget seq_length."""
-    lengths = store.lengths()
-    sizes = [int(lengths[r]) - 1 for r in rows]
-    bins = best_fit_decreasing(sizes, seq_length)
+def _grouped(order: np.ndarray, bin_of: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Items grouped by bin, each bin's items in placement order; and where each bin starts."""
+    placed = order[np.argsort(bin_of[order], kind="stable")]
+    counts = np.bincount(bin_of, minlength=int(bin_of.max()) + 1 if len(bin_of) else 0)
+    return placed, np.concatenate(([0], np.cumsum(counts)))
+
+
+def best_fit_decreasing(sizes: Sequence[int], capacity: int) -> List[List[int]]:
+    """Bins of item indices (see `_bfd_assign`)."""
+    placed, starts = _grouped(*_bfd_assign(sizes, capacity))
+    return [placed[a:b].tolist() for a, b in zip(starts[:-1], starts[1:])]
+
+
+class PackPlan:
+    """Bins in the order they are written, as two flat arrays (a list per bin costs ~10x more)."""
+
+    def __init__(self, placed: np.ndarray, starts: np.ndarray, perm: np.ndarray):
+        self.placed, self.starts, self.perm = placed, starts, perm
+
+    def __len__(self):
+        return len(self.perm)
+
+    def __iter__(self) -> Iterator[List[int]]:
+        for b in self.perm.tolist():
+            yield self.placed[self.starts[b]:self.starts[b + 1]].tolist()
+
+
+def plan_packs(store: TokenStore, rows: Sequence[int], seq_length: int, seed: int) -> Tuple[PackPlan, Dict]:
+    """Bins (positions in `rows`, in the order they are written) and NeMo's metadata."""
+    sizes = store.lengths()[np.asarray(rows, dtype=np.int64)] - 1
+    order, bin_of = _bfd_assign(sizes, seq_length)
+    placed, starts = _grouped(order, bin_of)
+    nbins = len(starts) - 1
     # The seed orders the packs (NeMo's file name carries it); the dataset shuffles again anyway.
-    perm = np.random.default_rng(seed).permutation(len(bins))
+    perm = np.random.default_rng(seed).permutation(nbins)
+    fill = np.bincount(bin_of, weights=sizes, minlength=nbins) if nbins else np.zeros(0)
+    used = int(sizes.sum())
+    meta = {
+        "dataset_max_seqlen": int(sizes.max()) if len(sizes) else 0,
+        "max_samples_per_bin": int(np.diff(starts).max()) if nbins else 0,
+        "packing_factor": round(len(sizes) / max(nbins, 1), 2),
+        "packing_efficiency": round(used / max(nbins, 1) / seq_length * 100, 2),
+        "pack_size": seq_length,
+        "min_packed_seqlen": int(fill.min()) if nbins else 0,
+        "num_sequences": len(sizes),
+        "num_packs": nbins,
+        "algorithm": "best_fit_decreasing",
+    }
+    return PackPlan(placed, starts, perm), meta
+
+
+def iter_packs(store: TokenStore, rows: Sequence[int], bins: Iterable[List[int]], eos_id: int) -> Iterator[Dict]:
+    """NeMo pack dicts, built one at a time from the store."""
     # numpy arrays, not Python lists: lists of ints cost ~9x the memory (2.3 GB at 200k rows);
     # GPTSFTPackedDataset slices and np.concatenates them either way (tested in e2e).
-    flat = np.frombuffer(store.ids, dtype=np.int32)
-    offsets = np.frombuffer(store.offsets, dtype=np.int64)
-    packs = []
-    for b in perm:
+    for b in bins:
         parts, masks, starts, n = [], [], [], 0
-        for item in bins[b]:
+        for item in b:
             r = rows[item]
-            ids = flat[offsets[r]:offsets[r + 1]]
+            ids = store.ids_of(r)
             starts.append(n)
             n += len(ids)
             parts.append(ids)
             m = np.zeros(len(ids), dtype=bool)
             m[max(store.answer_start[r] - 1, 0):] = True
             masks.append(m & (ids != eos_id))
-        packs.append({"input_ids": np.concatenate(parts), "loss_mask": np.concatenate(masks),
-                      "seq_start_id": starts})
-    used = sum(sizes)
-    meta = {
-        "dataset_max_seqlen": max(sizes) if sizes else 0,
-        "max_samples_per_bin": max((len(b) for b in bins), default=0),
-        "packing_factor": round(len(sizes) / max(len(bins), 1), 2),
-        "packing_efficiency": round(used / max(len(bins), 1) / seq_length * 100, 2),
-        "pack_size": seq_length,
-        "min_packed_seqlen": min((sum(sizes[i] for i in b) for b in bins), default=0),
-        "num_sequences": len(sizes),
-        "num_packs": len(bins),
-        "algorithm": "best_fit_decreasing",
-    }
-    return packs, meta
+        yield {"input_ids": np.concatenate(parts), "loss_mask": np.concatenate(masks), "seq_start_id": starts}
 
 
-def save_object_npy(f, arr: np.ndarray) -> None:
-    """np.save for an object array, but pickled with protocol 4.
+def pack(store: TokenStore, rows: Sequence[int], seq_length: int, seed: int, eos_id: int
+         ) -> Tuple[List[Dict], Dict]:
+    """Pack `rows` (indices into store, repeats allowed) into NeMo packs of budget seq_length."""
+    bins, meta = plan_packs(store, rows, seq_length, seed)
+    return list(iter_packs(store, rows, bins, eos_id)), meta
 
-    np.save pickles with protocol 3, which the C pickler buffers whole in memory before writing
-    (a second copy of every pack); protocol 4 writes in 64 KiB frames. np.load reads both.
+
+class _Streamed:
+    """Pickles as a list whose items are pulled from an iterator while being written."""
+
+    def __init__(self, items: Iterable):
+        self.items = items
+
+    def __reduce__(self):
+        return list, (), None, iter(self.items)
+
+
+def save_object_npy(f, arr, count: Optional[int] = None) -> None:
+    """np.save of a 1-D object array -- or of `count` objects from an iterator, never all in RAM.
+
+    np.load reads the result unchanged. np.save itself pickles with protocol 3, which the C
+    pickler buffers whole in memory before writing (a second copy of every pack), and any pickler
+    memo keeps a reference to every object written. So: protocol 4 (written in 64 KiB frames),
+    memo off (`fast`; nothing we write is shared or self-referencing), and the array's reduce
+    tuple built by hand around a list that is filled from the iterator as it is written.
     """
     from numpy.lib import format as npy_format
-    npy_format.write_array_header_1_0(f, npy_format.header_data_from_array_1_0(arr))
-    pickle.dump(arr, f, protocol=4)
+    if count is None:
+        count = len(arr)
+    npy_format.write_array_header_1_0(f, {"descr": "|O", "fortran_order": False, "shape": (count,)})
+    pickler = pickle.Pickler(f, protocol=4)
+    pickler.fast = True
+    n = [0]
+
+    def counted():
+        for x in arr:
+            n[0] += 1
+            yield x
+
+    recon, args, state = np.empty(0, dtype=object).__reduce__()
+    pickler.dump(_Reduce(recon, args, (state[0], (count,), state[2], state[3], _Streamed(counted()))))
+    if n[0] != count:
+        raise ValueError(f"expected {count} objects, got {n[0]}")
+
+
+class _Reduce:
+    def __init__(self, *reduced):
+        self.reduced = reduced
+
+    def __reduce__(self):
+        return self.reduced

@@ -1,17 +1,21 @@
 """The prep stage, top to bottom: config in, checked/deduplicated/split/mixed/packed files out.
 
 One streaming pass over the inputs: the main process reads raw lines in chunks and hands them
-to a pool of workers (parse, detect, normalize, template + tokenize, MinHash); results come
-back in order, and the main process alone decides duplicates (first one wins, so order must
-be kept), assigns splits and appends to the split files. A bounded window of chunks in flight
-keeps memory flat however big the input is. Then a short second pass over train applies the
-mixing weights, packing runs on the kept token ids, and manifest.json is written last: a
-directory with a manifest is a complete one.
+to a pool of workers (parse, detect, normalize, template + tokenize, MinHash LSH band keys of
+the whole chunk at once); results come back in order, and the main process alone decides
+duplicates (first one wins, so order must be kept), assigns splits and appends to the split
+files. A bounded window of chunks in flight keeps memory flat however big the input is; what
+does grow with the row count is kept small: ~100 bytes a row for the dedup index, lengths and
+offsets, while token ids go to a spill file and packs are streamed into the .npy. Then a short
+second pass over train applies the mixing weights, packing runs on the kept token ids, and
+manifest.json is written last: a directory with a manifest is a complete one.
 """
+import itertools
 import json
 import multiprocessing
 import os
 import time
+from array import array
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -20,12 +24,12 @@ import numpy as np
 
 from nemo_ft.config import ConfigError
 from nemo_ft.data import formats, mix, pack as packing, stats
-from nemo_ft.data.dedup import Deduper, minhash_values
+from nemo_ft.data.dedup import Deduper, band_keys, decode_where, encode_where, lsh_params, signatures
 from nemo_ft.data.errors import PrepError
 from nemo_ft.data.formats import REASONS, RowReject
 from nemo_ft.data.manifest import atomic_write, sha256_file, temp_path, versions, write_json
 from nemo_ft.data.pack import save_object_npy
-from nemo_ft.data.normalize import dedup_text, example_key, shingles
+from nemo_ft.data.normalize import dedup_text, example_key
 from nemo_ft.data.split import SPLITS, assign_split, check_ratios
 from nemo_ft.data.tokenize import Template, Tokenizer, check_template, count_tokens, fit_sft
 
@@ -149,15 +153,19 @@ _W = {}
 def _init_worker(cfg: PrepConfig) -> None:
     _W["cfg"] = cfg
     _W["tok"] = Tokenizer(cfg.tokenizer_library, cfg.tokenizer_model)
+    _W["lsh"] = lsh_params(cfg.near_threshold, cfg.num_perm) if cfg.dedup_near else None
 
 
 def _process_chunk(chunk, fmt: str):
-    """Everything that needs no global state: parse → canonical → template/tokens → MinHash."""
+    """Everything that needs no global state: parse → canonical → template/tokens → MinHash.
+
+    Returns (rows, band keys of the accepted rows or None, their token ids concatenated or None):
+    numpy arrays per chunk instead of Python objects per row, which are slow to pickle and big.
+    """
     cfg: PrepConfig = _W["cfg"]
     tok: Tokenizer = _W["tok"]
     kind = formats.kind_of(fmt)
-    want_ids = cfg.pack
-    out = []
+    out, texts, id_parts = [], [], []
     for lineno, raw in chunk:
         try:
             obj = formats.parse_line(raw)
@@ -178,14 +186,20 @@ def _process_chunk(chunk, fmt: str):
                 if ntok > cfg.seq_length:
                     raise RowReject("too_long", f"~{ntok} tokens > seq_length={cfg.seq_length}")
             norm = [dedup_text(f) for f in key_fields]  # once: both the key and the shingles use it
-            hv = (minhash_values(shingles(" ".join(norm), cfg.shingle_size, normalized=True), cfg.num_perm)
-                  if cfg.dedup_near else None)
+            if cfg.dedup_near:
+                texts.append(" ".join(norm))
+            if cfg.pack:
+                id_parts.append(ids)
             line = json.dumps(row, ensure_ascii=False)
-            out.append((lineno, None, line, example_key(norm, normalized=True), hv,
-                        ids if want_ids else None, start, ntok, truncated))
+            out.append((lineno, None, line, example_key(norm, normalized=True), start, ntok, truncated))
         except RowReject as rej:
             out.append((lineno, rej.reason, rej.detail))
-    return out
+    bands = None
+    if cfg.dedup_near:
+        b, r = _W["lsh"]
+        bands = band_keys(signatures(texts, cfg.shingle_size, cfg.num_perm), b, r)
+    ids = np.fromiter(itertools.chain.from_iterable(id_parts), dtype=np.int32) if cfg.pack else None
+    return out, bands, ids
 
 
 # ---------------------------------------------------------------- main process
@@ -274,14 +288,17 @@ def run_prep(cfg: PrepConfig, resolved_config: Optional[dict] = None, log=print)
     dedup = Deduper(cfg.dedup_exact, cfg.dedup_near, cfg.near_threshold, cfg.num_perm)
     per_file = [{"lines": 0, "accepted": 0, "rejected": Counter(), "truncated": 0,
                  "splits": Counter()} for _ in cfg.inputs]
-    lengths = {s: [] for s in SPLITS}
-    stores = {s: packing.TokenStore() for s in cfg.pack_splits} if cfg.pack else {}
-    train_source = []  # source index of each train row, in file order (for mixing)
+    # Per kept row only a few bytes stay in RAM (arrays, not lists of ints); token ids are
+    # spilled to a file per packed split.
+    lengths = {s: array("i") for s in SPLITS}
+    stores = {s: packing.SpillTokenStore(temp_path(os.path.join(cfg.out_dir, f"{s}.tokens")))
+              for s in cfg.pack_splits} if cfg.pack else {}
+    train_source = array("i")  # source index of each train row, in file order (for mixing)
+    pool = None
 
     try:
         from tqdm import tqdm
         bar = tqdm(unit=" rows", desc="prep", disable=not cfg.progress, mininterval=0.5)
-        pool = None
         if nworkers > 1:
             pool = multiprocessing.get_context("fork").Pool(nworkers, _init_worker, (cfg,))
         else:
@@ -289,19 +306,25 @@ def run_prep(cfg: PrepConfig, resolved_config: Optional[dict] = None, log=print)
         try:
             for fi, (spec, fmt) in enumerate(zip(cfg.inputs, fmts)):
                 pf = per_file[fi]
-                for chunk, results in _results(pool, _chunks(spec.path, cfg.chunk_size), fmt, 2 * nworkers + 2):
+                for chunk, (results, bands, ids_flat) in _results(pool, _chunks(spec.path, cfg.chunk_size), fmt,
+                                                                  2 * nworkers + 2):
                     raw_of = dict(chunk)
+                    dedup.start_chunk([res[3] for res in results if res[1] is None], bands)
+                    i_ok, tok_at = -1, 0
                     for res in results:
                         lineno = res[0]
                         pf["lines"] += 1
                         reason = res[1]
                         if reason is None:
-                            _, _, line, key, hv, ids, start, ntok, truncated = res
-                            dup = dedup.check(key, hv, (spec.path, lineno))
+                            _, _, line, key, start, ntok, truncated = res
+                            i_ok += 1
+                            tok_at += ntok if ids_flat is not None else 0
+                            dup = dedup.check(i_ok, key, None if bands is None else bands[i_ok],
+                                              encode_where(fi, lineno))
                             if dup is not None:
                                 reason = dup[0]
-                                first = dup[1]
-                                detail = f"same as {first[0]}:{first[1]}" if first else "similar to an earlier row"
+                                first_file, first_line = decode_where(dup[1])
+                                detail = f"same as {cfg.inputs[first_file].path}:{first_line}"
                         else:
                             detail = res[2]
                         if reason is not None:
@@ -320,15 +343,27 @@ def run_prep(cfg: PrepConfig, resolved_config: Optional[dict] = None, log=print)
                         if split == "train":
                             train_source.append(fi)
                         if split in stores:
-                            stores[split].add(ids, start)
+                            stores[split].add(ids_flat[tok_at - ntok:tok_at], start)
                     bar.update(len(results))
+        except BaseException:
+            if pool is not None:
+                pool.terminate()
+            raise
         finally:
             bar.close()
-            if pool is not None:
-                pool.close()
-                pool.join()
         for h in list(handles.values()) + [rej_f]:
             h.close()
+        dedup = None  # its index is the biggest thing left in memory; packing needs the room
+        # The histogram (matplotlib: ~1 s, mostly import) is drawn by an idle worker while this
+        # process mixes, packs and hashes.
+        png = os.path.join(cfg.out_dir, "lengths.png")
+        lens = {s: np.asarray(v, dtype=np.int64) for s, v in lengths.items()}
+        truncated = sum(p["truncated"] for p in per_file)
+        plot_args = (png, lens, cfg.seq_length, truncated)
+        plot_job = None
+        if pool is not None:
+            plot_job = pool.apply_async(stats.plot_lengths, plot_args)
+            pool.close()
 
         # ---- accounting: every line read is either written once or rejected once
         counts_in = sum(p["lines"] for p in per_file)
@@ -384,13 +419,12 @@ def run_prep(cfg: PrepConfig, resolved_config: Optional[dict] = None, log=print)
                 if len(rows) == 0:
                     continue
                 t = time.time()
-                packs, meta = packing.pack(stores[s], rows.tolist(), cfg.seq_length, cfg.seed, tok.eos_id)
+                bins, meta = packing.plan_packs(stores[s], rows, cfg.seq_length, cfg.seed)
                 name = f"packed_{cfg.seq_length}_seed{cfg.seed}.npy"
                 path = os.path.join(cfg.out_dir, name if s == "train" else f"{s}_{name}")
-                arr = np.empty(len(packs), dtype=object)
-                arr[:] = packs
-                with atomic_write(path, "wb") as f:
-                    save_object_npy(f, arr)
+                with atomic_write(path, "wb") as f:  # streamed: packs are never all in memory
+                    save_object_npy(f, packing.iter_packs(stores[s], rows, bins, tok.eos_id), count=len(bins))
+                del bins
                 meta["seconds"] = round(time.time() - t, 3)
                 meta["split"] = s
                 pack_report[s] = {**meta, "file": os.path.basename(path)}
@@ -402,14 +436,16 @@ def run_prep(cfg: PrepConfig, resolved_config: Optional[dict] = None, log=print)
             packed_files.append(meta_path)
 
         # ---- stats + plot
-        lens = {s: np.asarray(v, dtype=np.int64) for s, v in lengths.items()}
-        truncated = sum(p["truncated"] for p in per_file)
         st = {"seq_length": cfg.seq_length, "splits": {s: stats.length_stats(v, cfg.seq_length) for s, v in lens.items()},
               "truncated": truncated, "rejected": dict(rejected), "mix": mix_report, "pack": pack_report}
         stats_path = os.path.join(cfg.out_dir, "stats.json")
         write_json(stats_path, st)
-        png = os.path.join(cfg.out_dir, "lengths.png")
-        stats.plot_lengths(png, lens, cfg.seq_length, truncated)
+        if plot_job is None:
+            stats.plot_lengths(*plot_args)
+        else:
+            plot_job.get()
+            pool.join()
+            pool = None
 
         # ---- manifest, last
         outputs = [*out.values(), rejects_path, stats_path, png, *packed_files]
@@ -449,9 +485,13 @@ def run_prep(cfg: PrepConfig, resolved_config: Optional[dict] = None, log=print)
         write_json(os.path.join(cfg.out_dir, "manifest.json"), manifest)
         return manifest
     finally:
+        if pool is not None:
+            pool.terminate()
         for h in list(handles.values()) + [rej_f]:
             if not h.closed:
                 h.close()
+        for store in stores.values():
+            store.close()
         for p in created:
             if os.path.exists(p):
                 os.remove(p)
