@@ -56,6 +56,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=800)
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--pack", type=int, default=1024)
+    ap.add_argument("--parallel", default="cpu", help="parallel profile for both runs (debug_1gpu on a GPU)")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--out", default=str(REPO / "benchmarks/results/packed_vs_padded.md"))
     ap.add_argument("--hidden", type=int, default=512,
                     help="hidden size of a random-init Llama-shaped base built for the benchmark (0 = the tiny base); "
                          "the tiny base is so small that per-step overhead, not FLOPs, sets its speed")
@@ -72,15 +75,16 @@ def main() -> None:
         packs = np.load(prep / f"packed_{args.pack}_seed0.npy", allow_pickle=True)
         per_pack = float(np.mean([len(p["seq_start_id"]) for p in packs]))
         lengths = json.loads((prep / "stats.json").read_text())["splits"]["train"]
-        common = [f"model.data.validation_ds.file_names=[{prep / 'validation.jsonl'}]", f"trainer.max_steps={args.steps}",
+        common = [f"parallel={args.parallel}", f"model.data.validation_ds.file_names=[{prep / 'validation.jsonl'}]", f"trainer.max_steps={args.steps}",
                   "trainer.val_check_interval=1.0", "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
                   f"model.encoder_seq_length={args.pack}", f"model.max_position_embeddings={args.pack}", "run.check_arch=false",
                   "exp_manager.create_checkpoint_callback=false"]
         if args.hidden:
             h = args.hidden
             run([py, "-m", "nemo_ft.stages.base", f"run.dir={tmp / 'base'}", "trainer.max_steps=2",
+                 f"parallel={args.parallel}", "trainer.val_check_interval=2",
                  "trainer.enable_progress_bar=false", f"model.hidden_size={h}", f"model.ffn_hidden_size={h * 8 // 3}",
-                 "model.num_attention_heads=8", "model.num_query_groups=4", "model.num_layers=4",
+                 "model.num_attention_heads=8", "model.num_query_groups=4", f"model.num_layers={args.layers}",
                  f"model.encoder_seq_length={args.pack}", f"model.max_position_embeddings={args.pack}"])
             common.append(f"model.restore_from_path={tmp / 'base' / 'tiny_llama.nemo'}")
         padded, packed = tmp / "padded", tmp / "packed"
@@ -91,17 +95,17 @@ def main() -> None:
              "model.data.train_ds.packed_sequence=true", "model.micro_batch_size=1", "model.global_batch_size=1", *common])
         pad_ex, pad_steps = throughput(padded, 8)
         pack_ex, pack_steps = throughput(packed, per_pack)
-    out = REPO / "benchmarks/results/packed_vs_padded.md"
+    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         "# Packed vs padded SFT (LoRA, CPU, `nemo-ft sft`)\n\n"
-        + (f"Base: random-init Llama shape, 4 layers, hidden {args.hidden}, 8 heads / 4 query groups "
+        + (f"Base: random-init Llama shape, {args.layers} layers, hidden {args.hidden}, 8 heads / 4 query groups "
            "(built with `nemo-ft base`).\n" if args.hidden else "Base: the shipped tiny model (hidden 64).\n")
         +
         f"{args.rows} generated rows, 1-8 facts per answer; train token lengths: "
         f"min {lengths['min']}, mean {lengths['mean']}, p90 {lengths['p90']}, max {lengths['max']}\n"
         f"pack size {args.pack} ({len(packs)} packs, {per_pack:.1f} examples per pack), {args.steps} steps each, "
-        "throughput after 10 warm-up steps, OMP_NUM_THREADS=1.\n\n"
+        f"throughput after 10 warm-up steps, parallel={args.parallel}, OMP_NUM_THREADS=1.\n\n"
         "| run | micro batch | examples/s | steps/s |\n|---|---|---|---|\n"
         f"| padded | 8 rows | {pad_ex:.1f} | {pad_steps:.2f} |\n"
         f"| packed | 1 pack | {pack_ex:.1f} | {pack_steps:.2f} |\n\n"
