@@ -120,9 +120,12 @@ def _sampler_full_epoch_len(original):
 def _packed_local_attention(original):
     # NeMo's packed-sequence SFT hands attention a THD batch (one pack, cu_seqlens boundaries) that
     # only Transformer Engine's attention accepts. The obvious workaround (drop cu_seqlens) lets each
-    # token attend across the examples of its pack. Instead run megatron's own local attention once
-    # per example of the pack (its usual causal mask): every example attends only to itself, with
-    # the same arithmetic as unpacked, and the cost is sum(l_i^2), not (sum l_i)^2.
+    # token attend across the examples of its pack. Two correct ways on megatron's local attention:
+    # - "loop": run it once per example of the pack (its usual causal mask): cost sum(l_i^2), same
+    #   arithmetic as unpacked; best on a CPU, where FLOPs dominate.
+    # - "mask": one call over the whole pack with a block-diagonal causal mask: (sum l_i)^2 work but
+    #   one kernel per layer instead of one per example; best on a GPU, where launches dominate.
+    # NEMO_FT_PACKED_ATTENTION=loop|mask overrides the choice (tests check both agree with unpacked).
     import torch
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
@@ -132,13 +135,20 @@ def _packed_local_attention(original):
         cu = packed_seq_params.cu_seqlens_q_padded
         if cu is None:
             cu = packed_seq_params.cu_seqlens_q
-        bounds = [int(x) for x in cu.tolist()]
         t = query.size(0)
+        # The attention mixin squeezed the batch dimension for THD: [t, heads, dim] -> [t, 1, heads, dim].
+        q, k, v = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        mode = os.environ.get("NEMO_FT_PACKED_ATTENTION") or ("mask" if query.is_cuda else "loop")
+        if mode == "mask":
+            pos = torch.arange(t, device=query.device)
+            segment = torch.bucketize(pos, cu[1:].to(query.device), right=True)  # example index per token
+            allowed = (segment[:, None] == segment[None, :]) & (pos[:, None] >= pos[None, :])
+            out = original(self, q, k, v, (~allowed)[None, None], attn_mask_type, attention_bias)  # True = masked
+            return out.reshape(t, -1)
+        bounds = [int(x) for x in cu.tolist()]
         if bounds[-1] < t:  # trailing padding forms a segment of its own
             bounds.append(t)
-        # The attention mixin squeezed the batch dimension for THD: [t, heads, dim] -> [l, 1, heads, dim].
-        parts = [original(self, query[a:b].unsqueeze(1), key[a:b].unsqueeze(1), value[a:b].unsqueeze(1), None,
-                          attn_mask_type, attention_bias)
+        parts = [original(self, q[a:b], k[a:b], v[a:b], None, attn_mask_type, attention_bias)
                  for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         return torch.cat(parts, dim=0).reshape(t, -1)
     return forward

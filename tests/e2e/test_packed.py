@@ -23,10 +23,12 @@ def packed_data(tmp_path_factory):
     return out
 
 
-def test_packed_losses_equal_unpacked_per_example(packed_data):
+@pytest.mark.parametrize("mode", ["loop", "mask"])  # the CPU default and the GPU default
+def test_packed_losses_equal_unpacked_per_example(packed_data, mode):
+    env = {**stage_env(), "NEMO_FT_PACKED_ATTENTION": mode}
     proc = subprocess.run([sys.executable, str(REPO / "tests/e2e/packed_check.py"),
                            str(packed_data / "packed_128_seed0.npy"), "3"],
-                          cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     alone, packed, leaky = result["alone"], result["packed"], result["leaky"]
