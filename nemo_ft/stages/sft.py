@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import sys
 import tarfile
 from pathlib import Path
@@ -29,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 import nemo_ft.config  # noqa: F401  (registers resolvers)
 from nemo_ft.config import ConfigError
 from nemo_ft.config.validate import fill_defaults, validate_sft
+from nemo_ft.data.manifest import sha256_file, write_json
 from nemo_ft.paths import CONF_DIR
 from nemo_ft.stages import common
 
@@ -79,8 +79,9 @@ def param_digests(model) -> dict[str, str]:
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
+    # PEFT checkpoints are .ckpt files; full fine-tuning's distributed checkpoints are directories.
     ckpt = run_dir / "nemo" / "checkpoints"
-    return ckpt.is_dir() and any(p.name.endswith(".ckpt") or p.suffix == "" for p in ckpt.iterdir())
+    return ckpt.is_dir() and any(p.name.endswith(".ckpt") or p.is_dir() for p in ckpt.iterdir())
 
 
 def restore_model(cfg: DictConfig, trainer):
@@ -118,7 +119,7 @@ def plan_memory(cfg: DictConfig, cuda: bool) -> dict:
     # Enforced wherever the GPU is known: detected on a GPU run, or named with plan.gpu (which also
     # lets a CPU dry run check a cluster layout).
     if cfg.plan.enforce and pcfg.gpu and not estimate.fits:
-        ok, message = plan.check_fits(pcfg)
+        _, message = plan.check_fits(pcfg)
         print(message + "\n(override with plan.enforce=false)", file=sys.stderr)
         sys.exit(2)
     return {"trainable_params": estimate.trainable_params, "grad_bytes": estimate.grads,
@@ -219,16 +220,6 @@ def run(cfg: DictConfig) -> dict:
     return summary
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_manifest(run_dir: Path, cfg: DictConfig, adapter: Path, summary: dict) -> None:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -240,17 +231,17 @@ def write_manifest(run_dir: Path, cfg: DictConfig, adapter: Path, summary: dict)
 
     files = list(OmegaConf.to_container(cfg.model.data.train_ds.file_names, resolve=True))
     files += list(OmegaConf.to_container(cfg.model.data.validation_ds.file_names, resolve=True))
+    outputs = [adapter, run_dir / "loss.png", run_dir / cfg.run.metrics_file]
     manifest = {
         "stage": "sft",
-        "inputs": {str(p): _sha256(Path(p)) for p in [cfg.model.restore_from_path, *files]},
-        "outputs": {str(adapter): _sha256(adapter)},
+        "inputs": {str(p): sha256_file(str(p)) for p in [cfg.model.restore_from_path, *files]},
+        "outputs": {str(p): sha256_file(str(p)) for p in outputs if p.exists()},
         "summary": summary,
         "config": OmegaConf.to_container(cfg, resolve=True),
-        "versions": {p: installed(p) for p in ("nemo_toolkit", "megatron-core", "torch", "lightning")},
+        "versions": {p: installed(p) for p in ("nemo-ft", "nemo_toolkit", "megatron-core", "torch", "lightning")},
     }
-    tmp = run_dir / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    os.replace(tmp, run_dir / "manifest.json")
+    # Through JSON once so DictConfig leftovers (e.g. an inline plan.gpu) serialize as text.
+    write_json(str(run_dir / "manifest.json"), json.loads(json.dumps(manifest, default=str)))
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="sft_lora")
