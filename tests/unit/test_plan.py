@@ -105,10 +105,10 @@ def test_7b_full_finetune_public_decomposition_and_nemo_o2():
 
 
 def test_o2_false_keeps_fp32_params_and_says_so():
-    plan = estimate(cfg("model=llama3_8b", "peft=lora"))  # parallel=tp1: megatron_amp_O2=false
+    plan = estimate(cfg("model=llama3_8b", "peft=lora", "model.megatron_amp_O2=false"))
     assert plan.dtypes.weight == 4 and plan.autocast_copies > 0
     assert any("megatron_amp_O2" in note for note in plan.notes)
-    o2 = estimate(cfg("model=llama3_8b", "peft=lora", "model.megatron_amp_O2=true"))
+    o2 = estimate(cfg("model=llama3_8b", "peft=lora"))  # the cluster profiles' default: O2=true
     assert o2.weights == pytest.approx(plan.weights / 2, rel=0.01)
 
 
@@ -247,8 +247,8 @@ def test_cli_json_output():
                          "capacity_gb", "fits"}
     assert data["trainable_params"] == 32 * 32 * (4096 + 6144)
     assert data["capacity_gb"] == 85.5 and data["fits"] is True
-    # weights: fp32 (O2=false) 8.03B / TP2 -> ~16 GB per GPU
-    assert data["weights_gb"] == pytest.approx(8.03 * 4 / 2, rel=0.02)
+    # weights: bf16 (the tp2 profile sets megatron_amp_O2=true) 8.03B / TP2 -> ~8 GB per GPU
+    assert data["weights_gb"] == pytest.approx(8.03 * 2 / 2, rel=0.02)
     parts = data["weights_gb"] + data["grads_gb"] + data["optimizer_gb"] + data["activations_gb"]
     assert parts < data["total_gb"] < parts + 3
 
