@@ -22,6 +22,8 @@ CASES = [
     (["model.data.train_ds.prompt_template='{output} {input}'"], "model.data.train_ds.prompt_template",
      "must end with the label"),
     (["peft=qlora"], "model.peft.peft_scheme", "NGC container"),
+    (["model.optim.name=fused_adam"], "model.optim.name", "needs NVIDIA apex"),
+    (["model.megatron_amp_O2=true"], "model.megatron_amp_O2", "needs NVIDIA apex"),
 ]
 
 

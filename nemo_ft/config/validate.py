@@ -128,6 +128,25 @@ def check_peft(cfg) -> Iterable[ConfigError]:
                                   f"adapter width only for fast-* activations); use fast-{act}")
 
 
+def _have_nvidia_apex() -> bool:
+    # PyPI's "apex" is another project; NVIDIA's ships the amp_C extension.
+    import importlib.util
+    return importlib.util.find_spec("amp_C") is not None
+
+
+def check_stack(cfg) -> Iterable[ConfigError]:
+    """Settings that need NVIDIA apex, which exists only in the NGC container."""
+    if _have_nvidia_apex():
+        return
+    optim = OmegaConf.select(cfg, "model.optim.name", default=None)
+    if optim in ("fused_adam", "distributed_fused_adam"):
+        yield ConfigError("model.optim.name", f"{optim} needs NVIDIA apex (NGC container), which is not installed "
+                                              "here; use model.optim.name=adam")
+    if OmegaConf.select(cfg, "model.megatron_amp_O2", default=False):
+        yield ConfigError("model.megatron_amp_O2", "O2 (bf16 weights with fp32 main params) needs NVIDIA apex (NGC "
+                                                   "container), which is not installed here; set it to false")
+
+
 def check_data(cfg) -> Iterable[ConfigError]:
     packed = OmegaConf.select(cfg, "model.data.train_ds.packed_sequence", default=False)
     if packed and _int(cfg, "model.micro_batch_size", 1) != 1:
@@ -287,7 +306,7 @@ def fill_defaults(cfg: DictConfig) -> list[str]:
 
 def validate_sft(cfg: DictConfig) -> list[ConfigError]:
     errors: list[ConfigError] = []
-    for check in (check_restore, check_parallel, check_peft, check_data, check_prep_provenance):
+    for check in (check_restore, check_parallel, check_peft, check_stack, check_data, check_prep_provenance):
         errors.extend(check(cfg))
     return errors
 
