@@ -31,9 +31,10 @@ from nemo_ft.data.manifest import atomic_write, sha256_file, temp_path, versions
 from nemo_ft.data.pack import save_object_npy
 from nemo_ft.data.normalize import dedup_text, example_key
 from nemo_ft.data.split import SPLITS, assign_split, check_ratios
-from nemo_ft.data.tokenize import Template, Tokenizer, check_template, count_tokens, fit_sft
+from nemo_ft.data.tokenize import Template, Tokenizer, check_template, count_tokens, fit_dpo, fit_sft
 
 TASKS = ("sft", "chat", "dpo")
+PREFIX_MISMATCH = ("fix", "reject")
 DETECT_LINES = 1000  # how far into a file we look for the first row that reveals its format
 
 
@@ -70,6 +71,8 @@ class PrepConfig:
     workers: int = 0
     chunk_size: int = 1000
     progress: bool = True
+    dpo_prefix_mismatch: str = "fix"
+    dpo_append_eod: bool = False
 
     @classmethod
     def from_dict(cls, c: dict) -> "PrepConfig":
@@ -117,6 +120,13 @@ class PrepConfig:
             raise ConfigError("over_length", f"expected truncate or reject, got {over!r}")
         if c.get("pack") and task != "sft":
             raise ConfigError("pack", f"packing writes NeMo's SFT packed format; it needs task=sft, not {task!r}")
+        dpo = dict(c.get("dpo") or {})
+        unknown = set(dpo) - {"prefix_mismatch", "append_eod"}
+        if unknown:
+            raise ConfigError("dpo", f"unknown keys {sorted(unknown)}; allowed: prefix_mismatch, append_eod")
+        prefix_mismatch = dpo.get("prefix_mismatch", "fix")
+        if prefix_mismatch not in PREFIX_MISMATCH:
+            raise ConfigError("dpo.prefix_mismatch", f"expected fix or reject, got {prefix_mismatch!r}")
         dedup = dict(c.get("dedup") or {})
         split = dict(c.get("split") or {})
         split_seed = split.pop("seed", 1234)
@@ -142,6 +152,7 @@ class PrepConfig:
             pack=bool(c.get("pack", False)), pack_splits=pack_splits, seed=int(c.get("seed", 0)),
             workers=int(c.get("workers", 0)), chunk_size=int(c.get("chunk_size", 1000)),
             progress=bool(c.get("progress", True)),
+            dpo_prefix_mismatch=prefix_mismatch, dpo_append_eod=bool(dpo.get("append_eod", False)),
         )
 
 
@@ -172,7 +183,7 @@ def _process_chunk(chunk, fmt: str):
             ex = formats.to_canonical(obj, fmt)
             row = formats.for_task(ex, kind, cfg.task)
             key_fields = formats.identity_fields(ex, kind)
-            truncated, ids, start = False, None, 0
+            truncated, ids, start, fixed = False, None, 0, False
             if cfg.task == "sft":
                 fit = fit_sft(tok, cfg.template, row, cfg.seq_length, cfg.over_length == "truncate")
                 if fit is None:
@@ -181,6 +192,9 @@ def _process_chunk(chunk, fmt: str):
                                     + (" and truncation_field cannot absorb it" if cfg.over_length == "truncate" else ""))
                 row, ids, start, truncated = fit
                 ntok = len(ids)
+            elif cfg.task == "dpo":
+                row, ntok, truncated, fixed = fit_dpo(tok, row, cfg.seq_length, cfg.over_length == "truncate",
+                                                      cfg.dpo_prefix_mismatch == "fix", cfg.dpo_append_eod)
             else:
                 ntok = count_tokens(tok, ex, kind, cfg.template)
                 if ntok > cfg.seq_length:
@@ -191,7 +205,7 @@ def _process_chunk(chunk, fmt: str):
             if cfg.pack:
                 id_parts.append(ids)
             line = json.dumps(row, ensure_ascii=False)
-            out.append((lineno, None, line, example_key(norm, normalized=True), start, ntok, truncated))
+            out.append((lineno, None, line, example_key(norm, normalized=True), start, ntok, truncated, fixed))
         except RowReject as rej:
             out.append((lineno, rej.reason, rej.detail))
     bands = None
@@ -286,7 +300,7 @@ def run_prep(cfg: PrepConfig, resolved_config: Optional[dict] = None, log=print)
     fmts = [_detect(s, cfg.task) for s in cfg.inputs]
     nworkers = _workers(cfg)
     dedup = Deduper(cfg.dedup_exact, cfg.dedup_near, cfg.near_threshold, cfg.num_perm)
-    per_file = [{"lines": 0, "accepted": 0, "rejected": Counter(), "truncated": 0,
+    per_file = [{"lines": 0, "accepted": 0, "rejected": Counter(), "truncated": 0, "dpo_prefix_fixed": 0,
                  "splits": Counter()} for _ in cfg.inputs]
     # Per kept row only a few bytes stay in RAM (arrays, not lists of ints); token ids are
     # spilled to a file per packed split.
@@ -316,7 +330,7 @@ def run_prep(cfg: PrepConfig, resolved_config: Optional[dict] = None, log=print)
                         pf["lines"] += 1
                         reason = res[1]
                         if reason is None:
-                            _, _, line, key, start, ntok, truncated = res
+                            _, _, line, key, start, ntok, truncated, fixed = res
                             i_ok += 1
                             tok_at += ntok if ids_flat is not None else 0
                             dup = dedup.check(i_ok, key, None if bands is None else bands[i_ok],
@@ -339,6 +353,7 @@ def run_prep(cfg: PrepConfig, resolved_config: Optional[dict] = None, log=print)
                         pf["accepted"] += 1
                         pf["splits"][split] += 1
                         pf["truncated"] += int(truncated)
+                        pf["dpo_prefix_fixed"] += int(fixed)
                         lengths[split].append(ntok)
                         if split == "train":
                             train_source.append(fi)
@@ -359,6 +374,7 @@ def run_prep(cfg: PrepConfig, resolved_config: Optional[dict] = None, log=print)
         png = os.path.join(cfg.out_dir, "lengths.png")
         lens = {s: np.asarray(v, dtype=np.int64) for s, v in lengths.items()}
         truncated = sum(p["truncated"] for p in per_file)
+        dpo_fixed = sum(p["dpo_prefix_fixed"] for p in per_file)
         plot_args = (png, lens, cfg.seq_length, truncated)
         plot_job = None
         if pool is not None:
@@ -437,7 +453,7 @@ def run_prep(cfg: PrepConfig, resolved_config: Optional[dict] = None, log=print)
 
         # ---- stats + plot
         st = {"seq_length": cfg.seq_length, "splits": {s: stats.length_stats(v, cfg.seq_length) for s, v in lens.items()},
-              "truncated": truncated, "rejected": dict(rejected), "mix": mix_report, "pack": pack_report}
+              "truncated": truncated, "dpo_prefix_fixed": dpo_fixed, "rejected": dict(rejected), "mix": mix_report, "pack": pack_report}
         stats_path = os.path.join(cfg.out_dir, "stats.json")
         write_json(stats_path, st)
         if plot_job is None:
@@ -460,6 +476,7 @@ def run_prep(cfg: PrepConfig, resolved_config: Optional[dict] = None, log=print)
             "inputs": [{"path": os.path.abspath(s.path), "sha256": sha256_file(s.path), "bytes": os.path.getsize(s.path),
                         "format": f, "weight": s.weight, "split": s.split, "lines": p["lines"],
                         "accepted": p["accepted"], "truncated": p["truncated"],
+                        "dpo_prefix_fixed": p["dpo_prefix_fixed"],
                         "rejected": {r: p["rejected"][r] for r in REASONS if p["rejected"][r]},
                         "splits": dict(p["splits"])}
                        for s, f, p in zip(cfg.inputs, fmts, per_file)],
@@ -471,6 +488,7 @@ def run_prep(cfg: PrepConfig, resolved_config: Optional[dict] = None, log=print)
                 "rejected": {r: rejected[r] for r in REASONS if rejected[r]},
                 "in_equals_accepted_plus_rejected": counts_in == accepted + sum(rejected.values()),
                 "truncated": truncated,
+                "dpo_prefix_fixed": dpo_fixed,  # rows written with a space prepended to a response
                 "splits": split_counts,
                 "train_rows_written": train_written,
                 "train_rows_downsampled": downsampled,

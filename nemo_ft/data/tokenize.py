@@ -29,17 +29,23 @@ class Tokenizer:
             self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
             self.sha256 = sha256_file(model)
         elif library == "huggingface":
+            # prep already runs one process per core; the Rust thread pool would only fight them
+            # (and warns in every forked worker once the parent has encoded anything).
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
             from tokenizers import Tokenizer as HFTokenizer
             path = os.path.join(model, "tokenizer.json") if os.path.isdir(model) else model
             if not os.path.exists(path):
                 raise ConfigError("tokenizer.model", f"no tokenizer.json at {path!r}")
             self.hf = HFTokenizer.from_file(path)
             self.vocab_size = self.hf.get_vocab_size()
+            # What transformers' save_pretrained writes; AutoTokenizer (NeMo's HF path) reads the same.
             special = {}
-            cfg = os.path.join(os.path.dirname(path), "tokenizer_config.json")
-            if os.path.exists(cfg):
-                with open(cfg) as f:
-                    special = json.load(f)
+            for name in ("special_tokens_map.json", "tokenizer_config.json"):
+                cfg = os.path.join(os.path.dirname(path), name)
+                if os.path.exists(cfg):
+                    with open(cfg) as f:
+                        special.update({k: v for k, v in json.load(f).items() if v is not None})
+            self.special_ids = {i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
             def tok_id(name):
                 tok = special.get(name)
                 tok = tok.get("content") if isinstance(tok, dict) else tok
@@ -65,7 +71,7 @@ class Tokenizer:
     def is_special(self, i: int) -> bool:
         if self.library == "sentencepiece":
             return self.sp.is_control(i)
-        return True
+        return i in self.special_ids
 
     def info(self) -> dict:
         return {"library": self.library, "model": self.model, "sha256": self.sha256,
@@ -171,8 +177,81 @@ def fit_sft(tok: Tokenizer, tpl: Template, ex: Dict[str, str], seq_length: int, 
     return None
 
 
+def _dpo_encode(tok: Tokenizer, prompt_ids: List[int], prompt: str, response: str, append_eod: bool):
+    """(length, prefix holds) of prompt+response exactly as NeMo-Aligner 0.7.0's
+    DPOModelDataset.__getitem__ (nemo_aligner/data/nlp/datasets.py) builds it for a string prompt:
+    `encode(prompt)`, `encode(prompt + response)` as one string (+ EOS if model.data.append_eod),
+    then drops the last token (`chosen = chosen[:-1]`, `chosen_len -= 1`) and asserts
+    `chosen[0:prompt_len] == prompt` ("the tokenizer for DPO has merged tokens between prompt and
+    response"); `max(chosen_len, reject_len) > seq_length` keeps the row with zero loss.
+    """
+    ids = tok.encode(prompt + response)
+    if ids and append_eod:
+        ids.append(tok.eos_id)
+    ids = ids[:-1]
+    return len(ids), ids[:len(prompt_ids)] == prompt_ids
+
+
+def fit_dpo(tok: Tokenizer, row: Dict[str, str], seq_length: int, truncate: bool, fix: bool,
+            append_eod: bool = False):
+    """Check an Aligner DPO row {prompt, chosen_response, rejected_response} the way Aligner will.
+
+    Returns (row, length, truncated, fixed); raises RowReject where Aligner would crash (prompt
+    not a token prefix) or silently train on nothing (over length). `fix` prepends one space to a
+    response whose first characters merge with the prompt's last token (the usual SentencePiece
+    case). `truncate` drops whole words from the *start of the prompt*: the responses are what is
+    compared and cannot be cut, and the prompt's end holds the turn marker they continue. The cut
+    is made in the original text (not by decoding tokens), so newlines and spacing survive.
+    """
+    from nemo_ft.data.formats import RowReject
+
+    def check(row):
+        prompt_ids = tok.encode(row["prompt"])
+        row, fixed, lengths = dict(row), False, []
+        for key in ("chosen_response", "rejected_response"):
+            n, ok = _dpo_encode(tok, prompt_ids, row["prompt"], row[key], append_eod)
+            if not ok and fix:
+                n2, ok = _dpo_encode(tok, prompt_ids, row["prompt"], " " + row[key], append_eod)
+                if ok:
+                    row[key], n, fixed = " " + row[key], n2, True
+            if not ok:
+                raise RowReject("dpo_prompt_not_token_prefix",
+                                f"{key}: tokens of prompt+response do not start with the prompt's tokens "
+                                f"(NeMo-Aligner's DPO dataset asserts this)"
+                                + ("; a leading space does not fix it" if fix else
+                                   "; start the response with a space or set dpo.prefix_mismatch=fix"))
+            lengths.append(n)
+        return row, max(lengths), fixed
+
+    checked, n, fixed = check(row)
+    if n <= seq_length:
+        return checked, n, False, fixed
+    too_long = f"prompt+longest response = {n} tokens > seq_length={seq_length} (Aligner keeps it with zero loss)"
+    if not truncate:
+        raise RowReject("dpo_over_length", too_long)
+    prompt = row["prompt"]
+    # word starts after the first one, latest last: the shortest suffix that fits keeps the most.
+    cuts = [i for i in range(1, len(prompt)) if prompt[i - 1].isspace() and not prompt[i].isspace()]
+    longest = max(len(row["chosen_response"]), len(row["rejected_response"]))
+    fits = lambda i: max(_dpo_encode(tok, [], prompt[i:], row[k], append_eod)[0]
+                         for k in ("chosen_response", "rejected_response")) <= seq_length
+    lo, hi = 0, len(cuts)  # binary search for the first cut that fits (length falls as the cut moves right)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(cuts[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    if lo == len(cuts) or longest == 0:
+        raise RowReject("dpo_over_length", too_long + "; cutting the prompt cannot absorb the excess")
+    checked, n, fixed = check({**row, "prompt": prompt[cuts[lo]:]})
+    if n > seq_length:  # a leading space added by the fix can tip it over
+        raise RowReject("dpo_over_length", too_long + "; cutting the prompt cannot absorb the excess")
+    return checked, n, True, fixed
+
+
 def count_tokens(tok: Tokenizer, ex: dict, kind: str, tpl: Template) -> int:
-    """Length used for the over-length check of chat / preference rows (task=chat|dpo).
+    """Length used for the over-length check of chat rows (task=chat; task=dpo uses fit_dpo).
 
     An upper-bound estimate, not NeMo's exact chat rendering: each turn adds a few header tokens.
     """

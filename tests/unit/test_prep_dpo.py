@@ -1,0 +1,202 @@
+"""Prep for task=dpo against NeMo-Aligner's own train-time checks, and the Hugging Face
+tokenizer path (a tiny tokenizer trained here, no hub). No NeMo needed."""
+import json
+
+import numpy as np
+import pytest
+import sentencepiece
+
+from nemo_ft.config import ConfigError
+from nemo_ft.data.manifest import sha256_file
+from nemo_ft.data.pipeline import PrepConfig, run_prep
+from nemo_ft.paths import DATA_DIR
+
+FIX = DATA_DIR / "fixtures"
+TOKENIZER = str(DATA_DIR / "tiny" / "tokenizer.model")
+ALL_TRAIN = {"train": 1.0, "validation": 0.0, "test": 0.0}
+
+
+def prep(tmp_path, inputs, **over):
+    c = {"inputs": [str(i) for i in inputs], "out_dir": str(tmp_path / "out"),
+         "tokenizer": {"library": "sentencepiece", "model": TOKENIZER}, "seq_length": 64,
+         "split": dict(ALL_TRAIN), "progress": False, "workers": 1}
+    c.update(over)
+    return run_prep(PrepConfig.from_dict(c), resolved_config=c)
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def _write(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def aligner_check(encode, row, seq_length, eos_id=None):
+    """What NeMo-Aligner 0.7.0's DPOModelDataset.__getitem__ does with a string prompt, written
+    out again independently of nemo_ft: (both prefix asserts hold, Aligner's length, fits)."""
+    prompt = encode(row["prompt"])
+    ok, lengths = True, []
+    for key in ("chosen_response", "rejected_response"):
+        ids = encode(row["prompt"] + row[key]) + ([eos_id] if eos_id is not None else [])
+        ids = ids[:-1]
+        ok &= ids[:len(prompt)] == prompt
+        lengths.append(len(ids))
+    return ok, max(lengths), max(lengths) <= seq_length
+
+
+# ---------------------------------------------------------------- task=dpo
+
+DPO_GOLDEN = {  # (dpo.prefix_mismatch, over_length) -> (accepted, fixed, truncated, rejects {line: reason})
+    ("fix", "truncate"): (4, 2, 1, {4: "dpo_prompt_not_token_prefix", 6: "dpo_over_length"}),
+    ("reject", "reject"): (1, 0, 0, {2: "dpo_prompt_not_token_prefix", 3: "dpo_prompt_not_token_prefix",
+                                     4: "dpo_prompt_not_token_prefix", 5: "dpo_over_length", 6: "dpo_over_length"}),
+}
+
+
+@pytest.mark.parametrize("mode", list(DPO_GOLDEN))
+def test_dpo_golden_counts_and_rows_pass_aligners_checks(tmp_path, mode):
+    mismatch, over = mode
+    accepted, fixed, truncated, rejects = DPO_GOLDEN[mode]
+    m = prep(tmp_path, [FIX / "dpo_prefix.jsonl"], task="dpo", dpo={"prefix_mismatch": mismatch}, over_length=over)
+    c = m["counts"]
+    assert (c["in"], c["accepted"], c["dpo_prefix_fixed"], c["truncated"]) == (6, accepted, fixed, truncated)
+    assert c["in_equals_accepted_plus_rejected"] and c["rejected_total"] == len(rejects)
+    assert m["inputs"][0]["dpo_prefix_fixed"] == fixed
+    out = tmp_path / "out"
+    got = read_jsonl(out / "rejects.jsonl")
+    assert {r["line"]: r["reason"] for r in got} == rejects
+    assert all(r["file"].endswith("dpo_prefix.jsonl") and r["detail"] for r in got)
+    assert json.load(open(out / "manifest.json"))["counts"] == c
+    assert json.load(open(out / "stats.json"))["dpo_prefix_fixed"] == fixed
+    sp = sentencepiece.SentencePieceProcessor(model_file=TOKENIZER)
+    rows = read_jsonl(out / "train.jsonl")
+    for row in rows:
+        ok, n, fits = aligner_check(sp.encode_as_ids, row, 64)
+        assert ok and fits, row
+    assert json.load(open(out / "stats.json"))["splits"]["train"]["max"] == max(
+        aligner_check(sp.encode_as_ids, r, 64)[1] for r in rows)
+
+
+def test_dpo_fix_prepends_one_space_and_truncation_keeps_the_prompts_end(tmp_path):
+    prep(tmp_path, [FIX / "dpo_prefix.jsonl"], task="dpo")
+    rows = {r["prompt"][-12:]: r for r in read_jsonl(tmp_path / "out" / "train.jsonl")}
+    sp = sentencepiece.SentencePieceProcessor(model_file=TOKENIZER)
+    raw = read_jsonl(FIX / "dpo_prefix.jsonl")
+    assert not aligner_check(sp.encode_as_ids, raw[1], 64)[0]  # the fixture really breaks Aligner
+    assert rows[raw[1]["prompt"][-12:]]["chosen_response"] == " ris."
+    assert rows[raw[1]["prompt"][-12:]]["rejected_response"] == " rome."  # already fine: untouched
+    assert rows[raw[2]["prompt"][-12:]]["chosen_response"] == " tal."
+    assert rows[raw[2]["prompt"][-12:]]["rejected_response"] == " ttal."
+    cut = [r for r in rows.values() if r["chosen_response"] == " word59."][0]
+    assert raw[4]["prompt"].endswith(cut["prompt"]) and cut["prompt"] != raw[4]["prompt"]
+    assert cut["prompt"].endswith("\nQuestion: Last word?\nAnswer:")  # original text: newlines kept
+    assert cut["prompt"].startswith("word")  # cut at a word start
+
+
+def test_dpo_append_eod_counts_the_eos(tmp_path):
+    sp = sentencepiece.SentencePieceProcessor(model_file=TOKENIZER)
+    row = {"prompt": "Question: Capital of Sweden?\nAnswer:", "chosen_response": " Stockholm.",
+           "rejected_response": " Oslo."}
+    src = tmp_path / "two.jsonl"
+    _write(src, [row, {"prompt": "Q: 1+1?\nA:", "chosen_response": " 2.", "rejected_response": " 3."}])
+    n = aligner_check(sp.encode_as_ids, row, 10**6)[1]
+    assert aligner_check(sp.encode_as_ids, row, n, eos_id=sp.eos_id())[1] == n + 1
+    m = prep(tmp_path / "a", [src], task="dpo", seq_length=n, over_length="reject")
+    assert m["counts"]["accepted"] == 2
+    m = prep(tmp_path / "b", [src], task="dpo", seq_length=n, over_length="reject", dpo={"append_eod": True})
+    assert m["counts"]["accepted"] == 1 and m["counts"]["rejected"] == {"dpo_over_length": 1}
+    assert read_jsonl(tmp_path / "b" / "out" / "rejects.jsonl")[0]["line"] == 1
+
+
+def test_dpo_config_errors():
+    base = {"input": str(FIX / "dpo_prefix.jsonl"), "task": "dpo"}
+    with pytest.raises(ConfigError, match="dpo.prefix_mismatch"):
+        PrepConfig.from_dict({**base, "dpo": {"prefix_mismatch": "maybe"}})
+    with pytest.raises(ConfigError, match="unknown keys"):
+        PrepConfig.from_dict({**base, "dpo": {"prefix": "fix"}})
+    assert PrepConfig.from_dict(base).dpo_prefix_mismatch == "fix"
+
+
+# ---------------------------------------------------------------- tokenizer.library=huggingface
+
+
+def _hf_tokenizer(path, eos=True):
+    """A byte-level BPE trained on the shipped pretraining sample, saved as transformers saves it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train([str(DATA_DIR / "sample" / "pretrain.txt")],
+             trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    special = {"bos_token": "<s>", "eos_token": "</s>"} if eos else {}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", **special)
+    fast.save_pretrained(str(path))
+    return fast
+
+
+@pytest.fixture(scope="module")
+def hf_tok(tmp_path_factory):
+    path = tmp_path_factory.mktemp("hf_tok")
+    return path, _hf_tokenizer(path)
+
+
+def test_huggingface_tokenizer_lengths_eos_and_manifest(tmp_path, hf_tok, monkeypatch):
+    import nemo_ft.data.pipeline as pl
+
+    path, fast = hf_tok
+    src = tmp_path / "sft.jsonl"
+    rows = [{"input": f"Question: What is the capital of country {i}?\nAnswer:", "output": f" City {i}."}
+            for i in range(40)]
+    _write(src, rows)
+    hf = {"library": "huggingface", "model": str(path)}
+    monkeypatch.setattr(pl, "_workers", lambda cfg: 2)  # forked workers load the HF tokenizer too
+    m = prep(tmp_path, [src], tokenizer=hf, pack=True, dedup={"near": False}, seq_length=128)
+    t = m["tokenizer"]
+    assert (t["library"], t["model"], t["sha256"]) == ("huggingface", str(path), sha256_file(path / "tokenizer.json"))
+    assert (t["bos_id"], t["eos_id"], t["pad_id"]) == (fast.bos_token_id, fast.eos_token_id, fast.pad_token_id)
+    assert t["vocab_size"] == len(fast) and m["counts"]["accepted"] == 40 and m["workers"] == 2
+
+    # NeMo's "{input} {output}" with a space-sensitive tokenizer: input, " output" (stripped), EOS;
+    # NeMo's HF tokenizer encodes with tokenize() + convert_tokens_to_ids (no special tokens).
+    enc = lambda s: fast.convert_tokens_to_ids(fast.tokenize(s))
+    want = sorted(len(enc(r["input"]) + enc(" " + r["output"].strip(" "))) + 1 for r in rows)
+    packs = np.load(tmp_path / "out" / "packed_128_seed0.npy", allow_pickle=True)
+    got = []
+    for p in packs:
+        bounds = list(p["seq_start_id"]) + [len(p["input_ids"])]
+        for a, b in zip(bounds, bounds[1:]):
+            ids = p["input_ids"][a:b]
+            assert ids[-1] == fast.eos_token_id and fast.eos_token_id not in ids[:-1]
+            assert fast.bos_token_id not in ids  # add_bos=false
+            got.append(len(ids))
+    assert sorted(got) == want
+    stats = json.load(open(tmp_path / "out" / "stats.json"))
+    assert stats["splits"]["train"]["tokens"] == sum(want)
+
+
+def test_huggingface_dpo_prefix_fix(tmp_path, hf_tok):
+    # Byte-level BPE: a prompt ending in a space tokenizes that space alone, but prompt+response
+    # glues it to the response's first word; a second space keeps the prompt's tokens intact.
+    path, fast = hf_tok
+    src = tmp_path / "dpo.jsonl"
+    rows = [{"prompt": "The capital of Sweden is ", "chosen_response": "Stockholm.", "rejected_response": "Oslo."}]
+    _write(src, rows)
+    enc = lambda s: fast.convert_tokens_to_ids(fast.tokenize(s))
+    assert not aligner_check(enc, rows[0], 64)[0]
+    m = prep(tmp_path, [src], task="dpo", tokenizer={"library": "huggingface", "model": str(path)})
+    assert m["counts"]["dpo_prefix_fixed"] == 1
+    row = read_jsonl(tmp_path / "out" / "train.jsonl")[0]
+    assert row["chosen_response"] == " Stockholm." and aligner_check(enc, row, 64)[0]
+
+
+def test_huggingface_tokenizer_without_eos_is_a_config_error(tmp_path):
+    _hf_tokenizer(tmp_path / "tok", eos=False)
+    with pytest.raises(ConfigError, match="template.add_eos"):
+        prep(tmp_path, [FIX / "prompt_completion.jsonl"], tokenizer={"library": "huggingface",
+                                                                      "model": str(tmp_path / "tok")})
