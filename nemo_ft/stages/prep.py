@@ -22,7 +22,8 @@ def _summary(m: dict) -> str:
     if c["rejected"]:
         lines.append("  rejected: " + ", ".join(f"{k}={v}" for k, v in c["rejected"].items()))
     lines.append("  splits: " + ", ".join(f"{k}={v}" for k, v in c["splits"].items())
-                 + f"; train rows written {c['train_rows_written']}; truncated {c['truncated']}")
+                 + f"; train rows written {c['train_rows_written']}; truncated {c['truncated']}"
+                 + (f"; DPO responses given a leading space {c['dpo_prefix_fixed']}" if c.get("dpo_prefix_fixed") else ""))
     if m.get("mix"):
         for path, r in m["mix"].items():
             lines.append(f"  mix {path}: target {r['target_share']:.3f} achieved {r['achieved_share']:.3f} "
