@@ -72,3 +72,25 @@ def test_layout_that_cannot_fit_the_named_gpu_is_refused(tmp_path):
     assert "fits: NO" in proc.stderr and "does not fit" in proc.stderr and "plan.enforce=false" in proc.stderr
     assert "buffers" in proc.stderr and "capacity 0.50 GB" in proc.stderr  # the breakdown, not just a verdict
     assert not (tmp_path / "nemo").exists()
+
+
+def test_checkpoint_built_with_transformer_engine_needs_it(tmp_path):
+    import tarfile
+
+    import yaml
+
+    from nemo_ft.paths import REPO_ROOT
+    src = REPO_ROOT / "data/tiny/tiny_llama.nemo"
+    te_nemo = tmp_path / "te_base.nemo"
+    with tarfile.open(src) as tin, tarfile.open(te_nemo, "w") as tout:
+        for member in tin.getmembers():
+            data = tin.extractfile(member).read() if member.isfile() else None
+            if member.name.endswith("model_config.yaml"):
+                conf = yaml.safe_load(data)
+                conf["transformer_engine"] = True
+                data = yaml.safe_dump(conf).encode()
+                member.size = len(data)
+            tout.addfile(member, __import__("io").BytesIO(data) if data is not None else None)
+    proc = run_stage("sft", f"run.dir={tmp_path / 'run'}", f"model.restore_from_path={te_nemo}", check=False, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "model.restore_from_path: te_base.nemo was built with Transformer Engine" in proc.stderr

@@ -268,6 +268,12 @@ def check_restore(cfg) -> Iterable[ConfigError]:
                 yield ConfigError(f"model.{k}",
                                   f"the model profile says {want!r} but {path.name} was built with {have!r}; "
                                   "pick the matching model=<profile> (or run.check_arch=false)")
+    import importlib.util
+    te_wanted = OmegaConf.select(cfg, "model.transformer_engine", default=None)
+    if base.get("transformer_engine") and te_wanted is not False and importlib.util.find_spec("transformer_engine") is None:
+        yield ConfigError("model.restore_from_path",
+                          f"{path.name} was built with Transformer Engine's layer spec (transformer_engine: true), "
+                          "whose weights only load with TE installed (NGC container); run there")
     # NeMo's mcore .nemo checkpoints (a model_weights/ directory) reshard on load; the legacy per-rank
     # layout (mp_rank_XX/model_weights.ckpt) only restores at the TP/PP it was saved with.
     saved_tp = int(base.get("tensor_model_parallel_size", 1) or 1)
