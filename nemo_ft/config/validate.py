@@ -175,6 +175,8 @@ def check_data(cfg) -> Iterable[ConfigError]:
                               f"must sum to 1, got {sum(float(p) for p in probs):g}")
     template = OmegaConf.select(cfg, "model.data.train_ds.prompt_template", default=None)
     label = OmegaConf.select(cfg, "model.data.train_ds.label_key", default="output")
+    if OmegaConf.select(cfg, "model.data.chat", default=False):
+        template = None  # chat data is rendered by NeMo's chat dataset, not by the prompt template
     if template and not str(template).rstrip().endswith("{" + str(label) + "}"):
         yield ConfigError("model.data.train_ds.prompt_template",
                           f"{template!r} must end with the label {{{label}}} (NeMo trains on what follows the prompt)")
@@ -222,9 +224,20 @@ def check_prep_provenance(cfg) -> Iterable[ConfigError]:
             continue
         if m.get("stage") != "prep":
             continue
+        task, chat = m.get("task", "sft"), bool(OmegaConf.select(cfg, "model.data.chat", default=False))
+        if task == "dpo":
+            yield ConfigError("model.data.train_ds.file_names",
+                              f"{f} is preference (DPO) data ({manifest}); SFT needs prep task=sft or task=chat")
+            continue
+        if (task == "chat") != chat:
+            yield ConfigError("model.data.chat",
+                              f"{f} was prepared with task={task} ({manifest}) but model.data.chat={chat}; "
+                              + ("use data=chat (model.data.chat=true)" if task == "chat" else
+                                 "set model.data.chat=false or re-run prep with task=chat"))
+            continue
         template = m.get("template") or {}
         ds = "model.data.train_ds"
-        for key in ("prompt_template", "label_key", "add_eos", "add_bos"):
+        for key in ("prompt_template", "label_key", "add_eos", "add_bos") if task == "sft" else ():
             want, have = template.get(key), OmegaConf.select(cfg, f"{ds}.{key}", default=None)
             if want is not None and have is not None and want != have:
                 yield ConfigError(f"{ds}.{key}", f"{f} was prepared with {key}={want!r} ({manifest}) but sft uses "

@@ -1,0 +1,26 @@
+"""Chat-format SFT: prep task=chat output trained through NeMo's GPTSFTChatDataset (data=chat)."""
+import pytest
+
+from tests.conftest import read_metrics, run_stage
+
+pytestmark = pytest.mark.e2e
+
+
+def test_chat_sft_trains_on_prep_chat_output(tmp_path):
+    prep = tmp_path / "prep"
+    run_stage("prep", "input=data/sample/sft_train.jsonl", f"out_dir={prep}", "task=chat",
+              "split.train=0.8", "split.validation=0.2", "split.test=0")
+    files = (f"model.data.train_ds.file_names=[{prep}/train.jsonl]",
+             f"model.data.validation_ds.file_names=[{prep}/validation.jsonl]")
+    # Chat data without the chat dataset is refused before anything is built.
+    refused = run_stage("sft", f"run.dir={tmp_path / 'refused'}", *files, check=False, timeout=120)
+    assert refused.returncode == 2 and "model.data.chat: " in refused.stderr and "data=chat" in refused.stderr
+    run_dir = tmp_path / "sft"
+    run_stage("sft", f"run.dir={run_dir}", "data=chat", *files, "trainer.max_steps=40",
+              "trainer.val_check_interval=20", "trainer.enable_progress_bar=false")
+    train, val = read_metrics(run_dir)
+    first = sum(r["reduced_train_loss"] for r in train[:5]) / 5
+    last = sum(r["reduced_train_loss"] for r in train[-5:]) / 5
+    assert last < 0.75 * first, (first, last)
+    assert val[-1]["val_loss"] < val[0]["val_loss"]
+    assert (run_dir / "adapter.nemo").exists()
