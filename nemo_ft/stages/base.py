@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 import nemo_ft.config  # noqa: F401  (registers the ${repo:} resolver)
 from nemo_ft.config.validate import check_parallel, fill_defaults

@@ -8,25 +8,11 @@ import sentencepiece
 
 from nemo_ft.config import ConfigError
 from nemo_ft.data.manifest import sha256_file
-from nemo_ft.data.pipeline import PrepConfig, run_prep
+from nemo_ft.data.pipeline import PrepConfig
 from nemo_ft.paths import DATA_DIR
+from test_prep import TOKENIZER, prep, read_jsonl  # the shared prep-test helpers
 
 FIX = DATA_DIR / "fixtures"
-TOKENIZER = str(DATA_DIR / "tiny" / "tokenizer.model")
-ALL_TRAIN = {"train": 1.0, "validation": 0.0, "test": 0.0}
-
-
-def prep(tmp_path, inputs, **over):
-    c = {"inputs": [str(i) for i in inputs], "out_dir": str(tmp_path / "out"),
-         "tokenizer": {"library": "sentencepiece", "model": TOKENIZER}, "seq_length": 64,
-         "split": dict(ALL_TRAIN), "progress": False, "workers": 1}
-    c.update(over)
-    return run_prep(PrepConfig.from_dict(c), resolved_config=c)
-
-
-def read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
 
 
 def _write(path, rows):
