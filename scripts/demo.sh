@@ -12,7 +12,7 @@ if [ -f nemo_ft/stages/prep.py ]; then
   say "prep: validate, normalize, dedup, split the shipped sample data -> $OUT/prep"
   $PY -m nemo_ft.stages.prep out_dir="$OUT/prep" "template.prompt_template='{input}{output}'" \
     'inputs=[{path: data/sample/sft_train.jsonl, weight: 0.857}, {path: data/sample/sft_validation.jsonl, weight: 0.143}]' \
-    split.train=0.8 split.validation=0.15 split.test=0.05
+    split.train=0.8 split.validation=0.15 split.test=0.05 seq_length=128  # the tiny model's context
   TRAIN="$OUT/prep/train.jsonl"; VAL="$OUT/prep/validation.jsonl"
 else
   TRAIN=data/sample/sft_train.jsonl; VAL=data/sample/sft_validation.jsonl

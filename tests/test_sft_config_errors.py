@@ -94,3 +94,14 @@ def test_checkpoint_built_with_transformer_engine_needs_it(tmp_path):
     proc = run_stage("sft", f"run.dir={tmp_path / 'run'}", f"model.restore_from_path={te_nemo}", check=False, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "model.restore_from_path: te_base.nemo was built with Transformer Engine" in proc.stderr
+
+
+def test_data_longer_than_max_seq_length_is_refused(tmp_path):
+    prep = tmp_path / "prep"
+    run_stage("prep", "input=data/sample/sft_train.jsonl", f"out_dir={prep}", "template.prompt_template='{input}{output}'",
+              "split.train=0.8", "split.validation=0.2", "split.test=0")
+    proc = run_stage("sft", f"run.dir={tmp_path / 'run'}", f"model.data.train_ds.file_names=[{prep}/train.jsonl]",
+                     f"model.data.validation_ds.file_names=[{prep}/validation.jsonl]",
+                     "model.data.train_ds.max_seq_length=16", check=False, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "model.data.train_ds.max_seq_length: " in proc.stderr and "would cut them silently" in proc.stderr

@@ -235,6 +235,18 @@ def check_prep_provenance(cfg) -> Iterable[ConfigError]:
                               + ("use data=chat (model.data.chat=true)" if task == "chat" else
                                  "set model.data.chat=false or re-run prep with task=chat"))
             continue
+        stats = manifest.parent / "stats.json"
+        longest = None
+        if stats.exists():
+            try:
+                longest = json.loads(stats.read_text())["splits"]["train"]["max"]
+            except (ValueError, KeyError, TypeError):
+                longest = None
+        max_len = OmegaConf.select(cfg, "model.data.train_ds.max_seq_length", default=None)
+        if longest is not None and max_len is not None and int(longest) > int(max_len):
+            yield ConfigError("model.data.train_ds.max_seq_length",
+                              f"{f} has examples of up to {longest} tokens ({stats}) but max_seq_length={max_len}: "
+                              f"NeMo would cut them silently; re-run prep with seq_length={max_len} or raise it")
         template = m.get("template") or {}
         ds = "model.data.train_ds"
         for key in ("prompt_template", "label_key", "add_eos", "add_bos") if task == "sft" else ():
