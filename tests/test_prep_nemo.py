@@ -106,3 +106,76 @@ def test_fill_ratio_at_least_nemo_first_fit_decreasing():
             got += [(tuple(p["input_ids"][a:e]), tuple(bool(x) for x in p["loss_mask"][a:e])) for a, e in zip(b, b[1:])]
         return sorted(got)
     assert pairs(ours) == pairs(theirs)
+
+
+# Varied chat rows, one file per format (prep detects the format per file).
+CHAT_ROWS = {
+    "sharegpt.jsonl": [
+        {"system": "You are a terse assistant.", "conversations": [
+            {"from": "human", "value": "Largest ocean?"}, {"from": "gpt", "value": "The Pacific."},
+            {"from": "human", "value": "And the smallest one?"}, {"from": "gpt", "value": "The Arctic Ocean."}]},
+        {"conversations": [{"from": "human", "value": "Line one\nline two\n\n  indented"},
+                           {"from": "gpt", "value": "Two lines:\n- one\n- two"}]},
+        # starts with the assistant: NeMo masks the first turn whoever speaks it
+        {"conversations": [{"from": "gpt", "value": "Hello! Ask me anything."},
+                           {"from": "human", "value": "What is 2+2?"}, {"from": "gpt", "value": "4"}]},
+    ],
+    "openai.jsonl": [
+        {"messages": [{"role": "system", "content": "Réponds en français, s'il te plaît."},
+                      {"role": "user", "content": "Quelle est la capitale du Japon ? 日本"},
+                      {"role": "assistant", "content": "Tokyo (東京) 🗼."}]},
+        {"messages": [{"role": "user", "content": "Count to three."}, {"role": "assistant", "content": "1, 2, 3."},
+                      {"role": "user", "content": "Now backwards, ünïcödé."},
+                      {"role": "assistant", "content": " 3, 2, 1 — done. "},
+                      {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "Any time."}]},
+    ],
+    "sft.jsonl": [{"input": "Translate 'cat' to German.", "output": " Katze"}],
+}
+
+
+def test_chat_lengths_match_nemo_chat_dataset(tmp_path):
+    """prep task=chat's per-row length is len(input_ids) of NeMo's GPTSFTChatDataset for that row,
+    and its loss mask is NeMo's (assistant turns and their hand-back markers only)."""
+    from nemo.collections.nlp.data.language_modeling.megatron.gpt_sft_chat_dataset import GPTSFTChatDataset
+
+    from nemo_ft.data.tokenize import Tokenizer, encode_chat
+
+    inputs = []
+    for name, rows in CHAT_ROWS.items():
+        (tmp_path / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        inputs.append({"path": str(tmp_path / name), "weight": len(rows)})  # shares as given: each row once
+    out = tmp_path / "out"
+    m = run_prep(PrepConfig.from_dict({
+        "inputs": inputs, "out_dir": str(out), "task": "chat", "tokenizer": {"model": TOKENIZER},
+        "seq_length": 1024, "split": {"train": 1.0, "validation": 0.0, "test": 0.0}, "progress": False,
+        "workers": 1}))
+    n_rows = sum(len(r) for r in CHAT_ROWS.values())
+    assert m["counts"]["splits"]["train"] == m["counts"]["train_rows_written"] == n_rows
+    rows = [json.loads(line) for line in open(out / "train.jsonl", encoding="utf-8")]
+
+    # As MegatronGPTSFTModel._build_dataset builds it for model.data.chat=true (chat_prompt_tokens unset).
+    ds = GPTSFTChatDataset(
+        file_path=str(out / "train.jsonl"), tokenizer=_nemo_tokenizer(), max_seq_length=4096, min_seq_length=1,
+        pad_seq_length_to_mult=16, add_bos=False, add_eos=True, add_sep=False, sep_id=None, max_num_samples=None,
+        seed=1234, label_key="answer", answer_only_loss=True, truncation_field="text", pad_to_max_length=False,
+        index_mapping_dir=str(tmp_path / "idx"), prompt_template=None, special_tokens=None, is_test=False)
+    assert len(ds) == n_rows
+    tok = Tokenizer("sentencepiece", TOKENIZER)
+    lengths = []
+    for i, row in enumerate(rows):
+        ids, mask = encode_chat(tok, row)
+        item = ds[i]
+        assert ids == item["input_ids"].tolist(), row
+        assert mask == item["mask"].tolist(), row
+        batch = ds.collate_fn([item])
+        assert sum(mask) == int(batch["loss_mask"].sum()) > 0  # trained tokens
+        lengths.append(len(ids))
+        # trained: the assistant turns (after the first turn) — never the system prompt or a user turn
+        trained = tok.decode([t for t, keep in zip(ids, mask) if keep])
+        turns = row["conversations"]
+        for j, t in enumerate(turns):
+            text = " ".join(t["value"].split())
+            assert (text in trained) == (t["from"] == "Assistant" and j > 0), (t, trained)
+        assert not row["system"] or row["system"] not in trained
+    st = json.load(open(out / "stats.json"))["splits"]["train"]
+    assert (st["tokens"], st["min"], st["max"]) == (sum(lengths), min(lengths), max(lengths))

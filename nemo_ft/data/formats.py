@@ -18,7 +18,7 @@ from nemo_ft.data.normalize import clean_text, dedup_text
 REASONS = (
     "blank_line", "invalid_utf8", "invalid_json", "not_object", "missing_key", "empty_value",
     "wrong_type", "bad_conversation", "chosen_equals_rejected", "duplicate", "near_duplicate",
-    "too_long", "dpo_prompt_not_token_prefix", "dpo_over_length",
+    "too_long", "chat_header_not_token_prefix", "dpo_prompt_not_token_prefix", "dpo_over_length",
 )
 
 # format name -> (kind, required keys, optional keys). Order matters for detection: the most

@@ -31,7 +31,7 @@ from nemo_ft.data.manifest import atomic_write, sha256_file, temp_path, versions
 from nemo_ft.data.pack import save_object_npy
 from nemo_ft.data.normalize import dedup_text, example_key
 from nemo_ft.data.split import SPLITS, assign_split, check_ratios
-from nemo_ft.data.tokenize import Template, Tokenizer, check_template, count_tokens, fit_dpo, fit_sft
+from nemo_ft.data.tokenize import Template, Tokenizer, check_template, encode_chat, fit_dpo, fit_sft
 
 TASKS = ("sft", "chat", "dpo")
 PREFIX_MISMATCH = ("fix", "reject")
@@ -196,9 +196,10 @@ def _process_chunk(chunk, fmt: str):
                 row, ntok, truncated, fixed = fit_dpo(tok, row, cfg.seq_length, cfg.over_length == "truncate",
                                                       cfg.dpo_prefix_mismatch == "fix", cfg.dpo_append_eod)
             else:
-                ntok = count_tokens(tok, ex, kind, cfg.template)
+                # the length of GPTSFTChatDataset's input_ids for this row, token for token
+                ntok = len(encode_chat(tok, row)[0])
                 if ntok > cfg.seq_length:
-                    raise RowReject("too_long", f"~{ntok} tokens > seq_length={cfg.seq_length}")
+                    raise RowReject("too_long", f"{ntok} tokens > seq_length={cfg.seq_length}")
             norm = [dedup_text(f) for f in key_fields]  # once: both the key and the shingles use it
             if cfg.dedup_near:
                 texts.append(" ".join(norm))

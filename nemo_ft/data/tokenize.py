@@ -250,17 +250,68 @@ def fit_dpo(tok: Tokenizer, row: Dict[str, str], seq_length: int, truncate: bool
     return checked, n, True, fixed
 
 
-def count_tokens(tok: Tokenizer, ex: dict, kind: str, tpl: Template) -> int:
-    """Length used for the over-length check of chat rows (task=chat; task=dpo uses fit_dpo).
+# NeMo's GPTSFTChatDataset defaults (gpt_sft_dataset.py, used when model.data.chat_prompt_tokens is
+# unset) and the constants of gpt_sft_chat_dataset.py; copied, because data/ must not import NeMo.
+CHAT_TOKENS = {"system_turn_start": "<extra_id_0>", "turn_start": "<extra_id_1>", "label_start": "<extra_id_2>",
+               "end_of_turn": "\n", "end_of_name": "\n"}
+CHAT_SYSTEM = "System"
+CHAT_PREFIX = "\x00"  # NeMo's PREFIX_STR: tokenized in front of a turn, then cut, to drop a leading "▁"
 
-    An upper-bound estimate, not NeMo's exact chat rendering: each turn adds a few header tokens.
+
+def _after_prefix(tok: Tokenizer, text: str) -> int:
+    """NeMo's length of `text` tokenized mid-sequence: len(ids(PREFIX + text)) - len(ids(PREFIX))."""
+    return len(tok.encode(CHAT_PREFIX + text)) - len(tok.encode(CHAT_PREFIX))
+
+
+def encode_chat(tok: Tokenizer, row: dict, special: Dict[str, str] = CHAT_TOKENS) -> Tuple[List[int], List[bool]]:
+    """(input_ids, loss mask) of one NeMo chat row {system, conversations, mask, type: null},
+    exactly as NeMo 2.4's GPTSFTChatDataset `preprocess` builds them (gpt_sft_chat_dataset.py).
+
+    The whole conversation is rendered to one string and tokenized in one go (no BOS, no EOS:
+    add_bos/add_eos do not apply to chat), so len(input_ids) is the length NeMo sees; collate_fn
+    then trains on input_ids[:-1] with loss_mask = mask[1:], and mask[0] (the header) is always 0.
+    The mask is placed the way NeMo places it, by per-turn token counts rather than by where the
+    turns really fall in the joint tokenization, so it agrees with NeMo's even where the two differ.
+    What it trains on with mask="User": each Assistant turn's text and end-of-turn, the turn-start
+    marker that follows it (the next User turn's, or one appended after a final Assistant turn),
+    never the system header, the first turn, or anything of a User turn but that marker.
+    Raises RowReject where NeMo would crash (its header-is-a-token-prefix assertion).
     """
-    if kind == "pref":
-        return len(tok.encode(ex["prompt"])) + max(len(tok.encode(ex["chosen"])), len(tok.encode(ex["rejected"]))) + 1
-    if kind == "sft":  # an SFT row written as a one-turn conversation
-        return len(tok.encode(ex["input"])) + len(tok.encode(ex["output"])) + 9
-    n = len(tok.encode(ex["system"])) if ex["system"] else 0
-    return n + sum(len(tok.encode(t)) + 4 for _, t in ex["turns"]) + 1
+    from nemo_ft.data.formats import RowReject
+
+    if row.get("type") is not None:
+        raise ValueError(f"only type=null chat rows are rendered here, got {row.get('type')!r}")
+    turn, eot, eon = special["turn_start"], special["end_of_turn"], special["end_of_name"]
+    mask_role = row.get("mask", "User")
+    header = f"{special['system_turn_start']}{CHAT_SYSTEM}{eon}{row['system']}{eot}"
+    turns = [(t["from"], f"{turn}{t['from']}{eon}{t['value']}{eot}") for t in row["conversations"]]
+    conversation = header + "".join(v for _, v in turns)
+    # NeMo tests `speaker in mask_role` on the string, a substring test; kept as is.
+    if turns and turns[-1][0] not in mask_role:
+        conversation += turn  # the model learns to hand the turn back
+    ids, header_ids = tok.encode(conversation), tok.encode(header)
+    header_len = len(header_ids)
+    if ids[:header_len] != header_ids:  # e.g. a BPE merge across the header's last newline
+        raise RowReject("chat_header_not_token_prefix",
+                        "the system header's tokens are not a prefix of the conversation's "
+                        "(NeMo's GPTSFTChatDataset asserts this)")
+    mask = [False] * header_len + [True] * (len(ids) - header_len)
+    n_turn_start = _after_prefix(tok, turn)
+    cur = header_len
+    for i, (speaker, value) in enumerate(turns):
+        n = _after_prefix(tok, value)
+        if cur >= len(ids):
+            break
+        if i == 0:
+            lo, hi = cur, cur + n  # the first turn is context, whoever speaks it
+        elif speaker in mask_role:
+            lo, hi = (cur + n_turn_start if i > 1 else cur), cur + n
+        else:
+            lo, hi = cur, cur + _after_prefix(tok, f"{turn}{speaker}{eon}")  # the name part only
+        hi = min(hi, len(ids))
+        mask[lo:hi] = [False] * max(0, hi - lo)
+        cur += n
+    return ids, mask
 
 
 def check_template(tok: Tokenizer, tpl: Template) -> None:

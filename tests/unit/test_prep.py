@@ -102,6 +102,24 @@ def test_chat_task_writes_nemo_chat(tmp_path):
     assert rows[0]["system"] == "You are helpful." and rows[0]["conversations"][0] == {"from": "User", "value": "Largest ocean?"}
 
 
+def test_chat_length_is_nemo_rendering_exactly(tmp_path):
+    # encode_chat is checked token for token against NeMo in tests/test_prep_nemo.py; here: prep
+    # uses that exact length for the cut-off (the old estimate was about half of it).
+    from nemo_ft.data.tokenize import Tokenizer, encode_chat
+    row = {"system": "Be brief.", "conversations": [{"from": "User", "value": "Largest ocean?"},
+                                                    {"from": "Assistant", "value": "The Pacific."}],
+           "mask": "User", "type": None}
+    src = tmp_path / "chat.jsonl"
+    src.write_text(json.dumps({"system": row["system"], "conversations": row["conversations"]}) + "\n")
+    ids, mask = encode_chat(Tokenizer("sentencepiece", TOKENIZER), row)
+    assert prep(tmp_path, [src], task="chat", seq_length=len(ids))["counts"]["accepted"] == 1
+    assert read_jsonl(tmp_path / "out" / "train.jsonl") == [row]
+    with pytest.raises(PrepError, match="all 1 lines were rejected"):
+        prep(tmp_path, [src], task="chat", seq_length=len(ids) - 1)
+    trained = Tokenizer("sentencepiece", TOKENIZER).decode([i for i, keep in zip(ids, mask) if keep])
+    assert "The Pacific." in trained and "ocean" not in trained and "brief" not in trained
+
+
 @pytest.mark.parametrize("obj,fmt", [
     ({"input": "a", "output": "b"}, "nemo_sft"),
     ({"prompt": "a", "completion": "b"}, "prompt_completion"),
