@@ -23,7 +23,24 @@ def fail(stage: str, errors: list[ConfigError]) -> None:
 
 
 def is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    # Before nemo_ft.runtime starts torch.distributed, srun tasks only have SLURM_PROCID.
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+
+
+def trim_metrics_to_checkpoint(metrics: Path, checkpoints: Path) -> None:
+    """On a resume, drop the rows logged after the checkpoint being resumed (exp_manager takes the
+    newest *-last.ckpt): a requeued job repeats those steps, and the curve should not jump back."""
+    import re
+
+    lasts = list(checkpoints.glob("*-last.ckpt")) if checkpoints.is_dir() else []
+    found = re.search(r"-step=(\d+)", max(lasts, key=os.path.getmtime).name) if lasts else None
+    if not found or not metrics.exists():
+        return
+    step = int(found.group(1))
+    rows = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = metrics.with_name(f".{metrics.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in rows))
+    os.replace(tmp, metrics)
 
 
 def nemo_model_cfg(cfg: DictConfig, keep_arch: bool = False) -> DictConfig:

@@ -152,8 +152,11 @@ def run(cfg: DictConfig) -> dict:
     validate_only = bool(cfg.run.get("validate_only", False))
     resuming = bool(cfg.exp_manager.resume_if_exists) and _has_checkpoint(run_dir) and not validate_only
     metrics = run_dir / cfg.run.metrics_file
-    if not resuming and common.is_rank_zero():
-        metrics.unlink(missing_ok=True)
+    if common.is_rank_zero():
+        if resuming:
+            common.trim_metrics_to_checkpoint(metrics, run_dir / "nemo" / "checkpoints")
+        else:
+            metrics.unlink(missing_ok=True)
 
     from nemo_ft import runtime
 
