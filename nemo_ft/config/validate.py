@@ -5,6 +5,7 @@ stage prints them all at once and exits with status 2. Pure Python: no NeMo, no 
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import tarfile
 from pathlib import Path
@@ -130,7 +131,6 @@ def check_peft(cfg) -> Iterable[ConfigError]:
 
 def _have_nvidia_apex() -> bool:
     # PyPI's "apex" is another project; NVIDIA's ships the amp_C extension.
-    import importlib.util
     return importlib.util.find_spec("amp_C") is not None
 
 
@@ -293,7 +293,6 @@ def check_restore(cfg) -> Iterable[ConfigError]:
                 yield ConfigError(f"model.{k}",
                                   f"the model profile says {want!r} but {path.name} was built with {have!r}; "
                                   "pick the matching model=<profile> (or run.check_arch=false)")
-    import importlib.util
     te_wanted = OmegaConf.select(cfg, "model.transformer_engine", default=None)
     if base.get("transformer_engine") and te_wanted is not False and importlib.util.find_spec("transformer_engine") is None:
         yield ConfigError("model.restore_from_path",
@@ -313,8 +312,11 @@ def check_restore(cfg) -> Iterable[ConfigError]:
 
 
 def _is_legacy_sharded(path: Path) -> bool:
-    names = [p.name for p in path.iterdir()] if path.is_dir() else [Path(m).parts[-2] if len(Path(m).parts) > 1 else m
-                                                                      for m in tarfile.open(path, "r:*").getnames()]
+    if path.is_dir():
+        names = [p.name for p in path.iterdir()]
+    else:
+        with tarfile.open(path, "r:*") as tar:
+            names = [Path(m).parts[-2] if len(Path(m).parts) > 1 else m for m in tar.getnames()]
     return any(n.startswith("mp_rank_") or n.startswith("tp_rank_") for n in names)
 
 

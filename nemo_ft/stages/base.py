@@ -22,15 +22,18 @@ from nemo_ft.paths import CONF_DIR
 from nemo_ft.stages import common
 
 
+def read_lines(text_files: list[str]) -> list[str]:
+    """The non-empty, stripped lines of the sample text files, in order."""
+    return [line.strip() for f in text_files for line in Path(f).read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+
+
 def train_tokenizer(text_files: list[str], out_prefix: Path, vocab_size: int) -> Path:
     """A BPE SentencePiece model with byte fallback (no <unk> for any UTF-8), deterministic."""
     import sentencepiece as spm
 
-    lines = []
-    for f in text_files:
-        lines += [line for line in Path(f).read_text(encoding="utf-8").splitlines() if line.strip()]
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(out_prefix), vocab_size=vocab_size, model_type="bpe",
+        sentence_iterator=iter(read_lines(text_files)), model_prefix=str(out_prefix), vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, character_coverage=1.0, split_digits=True, num_threads=1,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, input_sentence_size=0, shuffle_input_sentence=False,
         minloglevel=2, hard_vocab_limit=False)
@@ -38,9 +41,7 @@ def train_tokenizer(text_files: list[str], out_prefix: Path, vocab_size: int) ->
 
 
 def write_pretrain_jsonl(text_files: list[str], run_dir: Path, validation_fraction: float) -> tuple[int, int]:
-    lines = []
-    for f in text_files:
-        lines += [line.strip() for line in Path(f).read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = read_lines(text_files)
     (run_dir / "data").mkdir(exist_ok=True)
     n_val = max(1, int(len(lines) * validation_fraction))
     for name, part in (("pretrain_train.jsonl", lines[n_val:]), ("pretrain_validation.jsonl", lines[:n_val])):

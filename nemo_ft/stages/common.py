@@ -11,10 +11,11 @@ import sys
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from nemo_ft.config import ConfigError
 from nemo_ft.config.validate import ARCH_KEYS, PROFILE_ONLY_KEYS, format_errors
+from nemo_ft.data.manifest import atomic_write
 
 
 def fail(stage: str, errors: list[ConfigError]) -> None:
@@ -38,9 +39,8 @@ def trim_metrics_to_checkpoint(metrics: Path, checkpoints: Path) -> None:
         return
     step = int(found.group(1))
     rows = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = metrics.with_name(f".{metrics.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in rows))
-    os.replace(tmp, metrics)
+    with atomic_write(str(metrics)) as f:
+        f.write("".join(line + "\n" for line in rows))
 
 
 def nemo_model_cfg(cfg: DictConfig, keep_arch: bool = False) -> DictConfig:
@@ -155,10 +155,9 @@ def plot_losses(metrics: Path, out: Path, title: str) -> Path:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    with atomic_write(str(out), "wb") as f:
+        fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, out)
     return out
 
 
@@ -187,6 +186,3 @@ def quiet_nemo() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-
-def to_yaml(cfg) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
