@@ -51,6 +51,22 @@ def throughput(run_dir: Path, examples_per_step: float, warmup: int = 10) -> tup
     return steps * examples_per_step / seconds, steps / seconds
 
 
+def device() -> str:
+    import torch
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    return f"CPU, torch {torch.__version__}"
+
+
+def attention_mode(parallel: str) -> str:
+    import importlib.util
+    import os
+    if importlib.util.find_spec("transformer_engine"):
+        return "Transformer Engine THD (NeMo's own path)"
+    mode = os.environ.get("NEMO_FT_PACKED_ATTENTION") or ("loop" if parallel.startswith("cpu") else "mask")
+    return f"nemo_ft.runtime local attention, {mode} mode"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=800)
@@ -58,6 +74,8 @@ def main() -> None:
     ap.add_argument("--pack", type=int, default=1024)
     ap.add_argument("--parallel", default="cpu", help="parallel profile for both runs (debug_1gpu on a GPU)")
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--base-dir", help="build the random-init base here once and reuse it on later runs")
+    ap.add_argument("--mbs", type=int, default=8, help="rows per padded micro batch (packed: 1 pack)")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/packed_vs_padded.md"))
     ap.add_argument("--hidden", type=int, default=512,
                     help="hidden size of a random-init Llama-shaped base built for the benchmark (0 = the tiny base); "
@@ -81,24 +99,27 @@ def main() -> None:
                   "exp_manager.create_checkpoint_callback=false"]
         if args.hidden:
             h = args.hidden
-            run([py, "-m", "nemo_ft.stages.base", f"run.dir={tmp / 'base'}", "trainer.max_steps=2",
-                 f"parallel={args.parallel}", "trainer.val_check_interval=2",
-                 "trainer.enable_progress_bar=false", f"model.hidden_size={h}", f"model.ffn_hidden_size={h * 8 // 3}",
-                 "model.num_attention_heads=8", "model.num_query_groups=4", f"model.num_layers={args.layers}",
-                 f"model.encoder_seq_length={args.pack}", f"model.max_position_embeddings={args.pack}"])
-            common.append(f"model.restore_from_path={tmp / 'base' / 'tiny_llama.nemo'}")
+            base = Path(args.base_dir) if args.base_dir else tmp / "base"
+            if not (base / "tiny_llama.nemo").exists():
+                run([py, "-m", "nemo_ft.stages.base", f"run.dir={base}", "trainer.max_steps=2",
+                     f"parallel={args.parallel}", "trainer.val_check_interval=2",
+                     "trainer.enable_progress_bar=false", f"model.hidden_size={h}", f"model.ffn_hidden_size={h * 8 // 3}",
+                     "model.num_attention_heads=8", "model.num_query_groups=4", f"model.num_layers={args.layers}",
+                     f"model.encoder_seq_length={args.pack}", f"model.max_position_embeddings={args.pack}"])
+            common.append(f"model.restore_from_path={base / 'tiny_llama.nemo'}")
         padded, packed = tmp / "padded", tmp / "packed"
         run([py, "-m", "nemo_ft.stages.sft", f"run.dir={padded}", f"model.data.train_ds.file_names=[{prep / 'train.jsonl'}]",
-             "model.micro_batch_size=8", "model.global_batch_size=8", *common])
+             f"model.micro_batch_size={args.mbs}", f"model.global_batch_size={args.mbs}", *common])
         run([py, "-m", "nemo_ft.stages.sft", f"run.dir={packed}",
              f"model.data.train_ds.file_names=[{prep / f'packed_{args.pack}_seed0.npy'}]",
              "model.data.train_ds.packed_sequence=true", "model.micro_batch_size=1", "model.global_batch_size=1", *common])
-        pad_ex, pad_steps = throughput(padded, 8)
+        pad_ex, pad_steps = throughput(padded, args.mbs)
         pack_ex, pack_steps = throughput(packed, per_pack)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
-        "# Packed vs padded SFT (LoRA, CPU, `nemo-ft sft`)\n\n"
+        f"# Packed vs padded SFT (LoRA, `nemo-ft sft parallel={args.parallel}`)\n\n"
+        f"Device: {device()}; packed attention: {attention_mode(args.parallel)}.\n"
         + (f"Base: random-init Llama shape, {args.layers} layers, hidden {args.hidden}, 8 heads / 4 query groups "
            "(built with `nemo-ft base`).\n" if args.hidden else "Base: the shipped tiny model (hidden 64).\n")
         +
@@ -107,7 +128,7 @@ def main() -> None:
         f"pack size {args.pack} ({len(packs)} packs, {per_pack:.1f} examples per pack), {args.steps} steps each, "
         f"throughput after 10 warm-up steps, parallel={args.parallel}, OMP_NUM_THREADS=1.\n\n"
         "| run | micro batch | examples/s | steps/s |\n|---|---|---|---|\n"
-        f"| padded | 8 rows | {pad_ex:.1f} | {pad_steps:.2f} |\n"
+        f"| padded | {args.mbs} rows | {pad_ex:.1f} | {pad_steps:.2f} |\n"
         f"| packed | 1 pack | {pack_ex:.1f} | {pack_steps:.2f} |\n\n"
         f"packed / padded examples/s: {pack_ex / pad_ex:.2f}x\n")
     print(out.read_text())

@@ -140,10 +140,15 @@ def _packed_local_attention(original):
         q, k, v = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
         mode = os.environ.get("NEMO_FT_PACKED_ATTENTION") or ("mask" if query.is_cuda else "loop")
         if mode == "mask":
-            pos = torch.arange(t, device=query.device)
-            segment = torch.bucketize(pos, cu[1:].to(query.device), right=True)  # example index per token
-            allowed = (segment[:, None] == segment[None, :]) & (pos[:, None] >= pos[None, :])
-            out = original(self, q, k, v, (~allowed)[None, None], attn_mask_type, attention_bias)  # True = masked
+            # Every layer gets the same PackedSeqParams: build the mask once per batch, not per layer.
+            masked = getattr(packed_seq_params, "_nemo_ft_mask", None)
+            if masked is None or masked.size(-1) != t or masked.device != query.device:
+                pos = torch.arange(t, device=query.device)
+                segment = torch.bucketize(pos, cu[1:].to(query.device), right=True)  # example index per token
+                allowed = (segment[:, None] == segment[None, :]) & (pos[:, None] >= pos[None, :])
+                masked = (~allowed)[None, None]  # True = masked
+                packed_seq_params._nemo_ft_mask = masked
+            out = original(self, q, k, v, masked, attn_mask_type, attention_bias)
             return out.reshape(t, -1)
         bounds = [int(x) for x in cu.tolist()]
         if bounds[-1] < t:  # trailing padding forms a segment of its own
@@ -152,6 +157,28 @@ def _packed_local_attention(original):
                  for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         return torch.cat(parts, dim=0).reshape(t, -1)
     return forward
+
+
+def _packed_rope_vectorized(original):
+    # Without TE's fused kernel, megatron-core applies RoPE to a packed (THD) batch one example at a
+    # time: a .tolist() sync, then ~10 small kernels per example for q and again for k, in every
+    # layer, forward and backward. On a GPU that launch overhead made a packed step cost more than
+    # the padding it saves. Same arithmetic in one pass: each token's rotary angle is looked up at
+    # its position inside its own example (token index minus its example's start).
+    import torch
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    def apply_thd(t, cu_seqlens, freqs, rotary_interleaved=False, multi_latent_attention=False,
+                  mscale=1.0, cp_group=None):
+        if cp_group is None or cp_group.size() != 1:  # context parallel splits examples: keep megatron's
+            return original(t, cu_seqlens, freqs, rotary_interleaved=rotary_interleaved,
+                            multi_latent_attention=multi_latent_attention, mscale=mscale, cp_group=cp_group)
+        cu = cu_seqlens.to(device=t.device, dtype=torch.long)
+        pos = torch.arange(t.size(0), device=t.device)
+        start = cu[torch.bucketize(pos, cu[1:], right=True).clamp_(max=cu.numel() - 1)]
+        return _apply_rotary_pos_emb_bshd(t.unsqueeze(1), freqs[pos - start], rotary_interleaved=rotary_interleaved,
+                                          multi_latent_attention=multi_latent_attention, mscale=mscale).squeeze(1)
+    return apply_thd
 
 
 def _adapter_init_by_layer(original):
@@ -288,6 +315,9 @@ NEMO_FIXES = [
     Patch("megatron.core.transformer.dot_product_attention:DotProductAttention.forward",
           "packed sequences need TE's THD attention; without TE mask each packed example to itself",
           _packed_local_attention, when=lambda: not _have("transformer_engine")),
+    Patch("megatron.core.models.common.embeddings.rope_utils:_apply_rotary_pos_emb_thd",
+          "unfused RoPE on packed batches loops over the examples (a sync and ~20 kernels each, per layer)",
+          _packed_rope_vectorized),
     Patch("nemo.collections.nlp.models.language_modeling.megatron_gpt_model:is_te_min_version",
           "the packed GQA path compares TE's version unguarded (TypeError on None without TE)",
           lambda _orig: lambda *a, **k: False, when=lambda: not _have("transformer_engine")),
