@@ -134,9 +134,9 @@ def main() -> None:
     print(out.read_text())
 
 
-# Why not always pack: on the local attention path each example of a pack runs as its own attention
-# call (nemo_ft.runtime), so packing saves the padded rows' FLOPs in every linear layer but pays a
-# little per-example overhead; it wins once the model is big enough for FLOPs to dominate.
+# Why packing can still lose: on CPU ("loop" mode) each example of a pack runs as its own attention
+# call, so the tiny h=64 model, where per-call overhead rivals FLOPs, gains least (~1.2x at pack
+# 1024). On a GPU ("mask" mode) a pack is one attention call; results/packed_vs_padded_h200.md.
 
 
 if __name__ == "__main__":

@@ -69,3 +69,35 @@ def test_torch_grad_clipping_matches_torch_reference():
     assert norm == pytest.approx(expected_norm, rel=1e-5)
     clipped = torch.sqrt(sum((p.grad ** 2).sum() for p in params)).item()
     assert clipped == pytest.approx(1.0, rel=1e-4)
+
+
+def test_packed_rope_in_one_pass_equals_megatrons_per_example_loop():
+    """The vectorized THD RoPE must give megatron's own per-example result."""
+    import torch
+    from megatron.core.models.common.embeddings import rope_utils
+
+    patch = next(p for p in patches.NEMO_FIXES if p.target.endswith(":_apply_rotary_pos_emb_thd"))
+    original = patches._APPLIED.get(patch.target, (None, None, rope_utils._apply_rotary_pos_emb_thd))[2]
+    fast = patch.make(original)
+
+    class OneRank:  # what megatron's cp_group answers without context parallelism
+        def size(self):
+            return 1
+
+        def rank(self):
+            return 0
+
+    torch.manual_seed(0)
+    t = torch.randn(40, 4, 16)
+    freqs = torch.randn(40, 1, 1, 16)  # max_seqlen 40
+    for cu in ([0, 40], [0, 7, 8, 25, 40], [0, 32, 40]):
+        cu = torch.tensor(cu, dtype=torch.int32)
+        want = original(t, cu, freqs, cp_group=OneRank())
+        got = fast(t, cu, freqs, cp_group=OneRank())
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    # Positions restart in every example: token 7 (first of the second example) gets angle 0.
+    cu = torch.tensor([0, 7, 40], dtype=torch.int32)
+    got = fast(t, cu, freqs, cp_group=OneRank())
+    torch.testing.assert_close(got[7:8], fast(t[7:8], torch.tensor([0, 1]), freqs, cp_group=OneRank()))
+    assert not torch.allclose(got[7:8], fast(t, torch.tensor([0, 40]), freqs, cp_group=OneRank())[7:8])
