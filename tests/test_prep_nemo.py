@@ -179,3 +179,51 @@ def test_chat_lengths_match_nemo_chat_dataset(tmp_path):
         assert not row["system"] or row["system"] not in trained
     st = json.load(open(out / "stats.json"))["splits"]["train"]
     assert (st["tokens"], st["min"], st["max"]) == (sum(lengths), min(lengths), max(lengths))
+
+
+def test_packed_chat_round_trip_through_nemo(tmp_path):
+    """prep task=chat pack=true: GPTSFTPackedDataset trains every packed conversation on exactly the
+    labels NeMo's GPTSFTChatDataset trains it on unpacked (assistant turns only)."""
+    from nemo.collections.nlp.data.language_modeling.megatron.gpt_sft_chat_dataset import GPTSFTChatDataset
+    from nemo.collections.nlp.data.language_modeling.megatron.gpt_sft_dataset import GPTSFTPackedDataset
+
+    inputs = []
+    for name, rows in CHAT_ROWS.items():
+        (tmp_path / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        inputs.append({"path": str(tmp_path / name), "weight": len(rows)})
+    out, seq = tmp_path / "out", 512
+    m = run_prep(PrepConfig.from_dict({
+        "inputs": inputs, "out_dir": str(out), "task": "chat", "tokenizer": {"model": TOKENIZER},
+        "seq_length": seq, "pack": True, "split": {"train": 1.0, "validation": 0.0, "test": 0.0},
+        "progress": False, "workers": 1}))
+    chat = GPTSFTChatDataset(
+        file_path=str(out / "train.jsonl"), tokenizer=_nemo_tokenizer(), max_seq_length=4096, min_seq_length=1,
+        pad_seq_length_to_mult=16, add_bos=False, add_eos=True, add_sep=False, sep_id=None, max_num_samples=None,
+        seed=1234, label_key="answer", answer_only_loss=True, truncation_field="text", pad_to_max_length=False,
+        index_mapping_dir=str(tmp_path / "idx"), prompt_template=None, special_tokens=None, is_test=False)
+    reference = {}
+    for i in range(len(chat)):
+        item = chat[i]
+        n = len(item["input_ids"]) - 1
+        reference[tuple(item["input_ids"].tolist())] = chat.collate_fn([item])["loss_mask"][0, :n].tolist()
+
+    packed = GPTSFTPackedDataset(str(out / f"packed_{seq}_seed0.npy"), tokenizer=_nemo_tokenizer(), max_seq_length=seq,
+                                 answer_only_loss=True, prompt_template=TEMPLATE, label_key="output",
+                                 truncation_field="input")  # what sft_lora.yaml passes; unused by packs
+    assert m["counts"]["rejected_total"] == 0
+    assert len(packed) == m["pack"]["train"]["num_packs"] < len(reference)  # some pack holds several conversations
+    n_seqs, seen = 0, set()
+    for i in range(len(packed)):
+        item = packed[i]
+        b = item["seq_boundaries"]
+        mask = packed.collate_fn([item])["loss_mask"][0].tolist()
+        pos = 0
+        for a, e in zip(b, b[1:]):
+            ids = tuple(int(x) for x in item["input_ids"][a:e])
+            assert ids in reference, "a packed conversation is not one NeMo's chat dataset tokenizes identically"
+            assert mask[pos:pos + e - a - 1] == reference[ids]
+            assert sum(reference[ids]) > 0
+            pos += e - a - 1
+            n_seqs += 1
+            seen.add(ids)
+    assert n_seqs == m["counts"]["train_rows_written"] and seen == set(reference)

@@ -8,6 +8,9 @@ NeMo's conventions we follow (nemo/utils/sequence_packing_utils.py, GPTSFTPacked
 - loss_mask is stored *shifted*: loss_mask[j] = 1 means "the label at position j, i.e. token
   j+1, is trained on". NeMo builds it as `j >= answer_start_idx - 1 and ids[j] != eos(pad)` and
   the dataset drops each sequence's last position; we build it identically.
+- chat rows (task=chat) carry GPTSFTChatDataset's own per-token mask (assistant turns), which its
+  collate shifts as mask[1:]; packs store that shifted mask, so a packed chat row trains on exactly
+  the labels the unpacked chat dataset does.
 """
 import os
 import pickle
@@ -24,11 +27,40 @@ class TokenStore:
         self.ids = array("i")
         self.offsets = array("q", [0])
         self.answer_start = array("i")
+        self.masked = False  # rows carry their own per-token training mask (chat), else answer_start
+        self.masks = array("B")  # those masks, a byte a token
 
-    def add(self, ids: Sequence[int], answer_start: int) -> None:
+    def add(self, ids: Sequence[int], answer_start: int, mask: Optional[Sequence[bool]] = None) -> None:
+        self._check_mask(mask, len(ids))
+        self._write_ids(ids)
+        self.answer_start.append(answer_start)
+        if mask is not None:
+            self._write_mask(np.asarray(mask, dtype=np.uint8).tobytes())
+
+    def _write_ids(self, ids) -> None:
         self.ids.extend(ids)
         self.offsets.append(len(self.ids))
-        self.answer_start.append(answer_start)
+
+    def _check_mask(self, mask, n: int) -> None:
+        """Before anything is stored: a store holds masked (chat) rows or answer_start rows, and a
+        mask has a flag per token."""
+        if len(self) and self.masked != (mask is not None):
+            raise ValueError("a store holds either masked (chat) rows or answer_start rows, not both")
+        if mask is not None and len(mask) != n:
+            raise ValueError(f"loss mask of {len(mask)} for {n} tokens")
+        self.masked = mask is not None
+
+    def _write_mask(self, data: bytes) -> None:
+        self.masks.frombytes(data)
+
+    def _read_mask(self, a: int, b: int) -> np.ndarray:
+        return np.frombuffer(self.masks, dtype=np.uint8)[a:b]
+
+    def mask_of(self, i: int) -> Optional[np.ndarray]:
+        """The row's per-token training mask (chat rows), or None (the mask follows answer_start)."""
+        if not self.masked:
+            return None
+        return self._read_mask(self.offsets[i], self.offsets[i + 1]).astype(bool)
 
     def __len__(self):
         return len(self.answer_start)
@@ -59,14 +91,23 @@ class SpillTokenStore(TokenStore):
         super().__init__()
         self.path = path
         self.f = open(path, "w+b")
+        self.mf = None
         self.n_ids = 0
 
-    def add(self, ids, answer_start: int) -> None:
+    def _write_ids(self, ids) -> None:
         a = np.asarray(ids, dtype=np.int32)
         self.f.write(a.tobytes())
         self.n_ids += len(a)
         self.offsets.append(self.n_ids)
-        self.answer_start.append(answer_start)
+
+    def _write_mask(self, data: bytes) -> None:  # a byte a token, in a file beside the ids
+        if self.mf is None:
+            self.mf = open(self.path + ".mask", "w+b")
+        self.mf.write(data)
+
+    def _read_mask(self, a: int, b: int) -> np.ndarray:
+        self.mf.flush()
+        return np.frombuffer(os.pread(self.mf.fileno(), b - a, a), dtype=np.uint8)
 
     def ids_of(self, i: int) -> np.ndarray:
         if not self.f.closed:
@@ -79,8 +120,11 @@ class SpillTokenStore(TokenStore):
 
     def close(self) -> None:
         self.f.close()
-        if os.path.exists(self.path):
-            os.remove(self.path)
+        if self.mf is not None:
+            self.mf.close()
+        for p in (self.path, self.path + ".mask"):
+            if os.path.exists(p):
+                os.remove(p)
 
 
 def _bfd_assign(sizes: np.ndarray, capacity: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -184,8 +228,13 @@ def iter_packs(store: TokenStore, rows: Sequence[int], bins: Iterable[List[int]]
             n += len(ids)
             parts.append(ids)
             m = np.zeros(len(ids), dtype=bool)
-            m[max(store.answer_start[r] - 1, 0):] = True
-            masks.append(m & (ids != eos_id))
+            trained = store.mask_of(r)
+            if trained is None:
+                m[max(store.answer_start[r] - 1, 0):] = True
+                masks.append(m & (ids != eos_id))
+            else:  # GPTSFTChatDataset's collate: loss_mask = mask[1:]
+                m[:-1] = trained[1:]
+                masks.append(m)
         yield {"input_ids": np.concatenate(parts), "loss_mask": np.concatenate(masks), "seq_start_id": starts}
 
 

@@ -118,8 +118,9 @@ class PrepConfig:
         over = c.get("over_length", "truncate")
         if over not in ("truncate", "reject"):
             raise ConfigError("over_length", f"expected truncate or reject, got {over!r}")
-        if c.get("pack") and task != "sft":
-            raise ConfigError("pack", f"packing writes NeMo's SFT packed format; it needs task=sft, not {task!r}")
+        if c.get("pack") and task == "dpo":
+            raise ConfigError("pack", "NeMo's packed format (GPTSFTPackedDataset) is for SFT: pack needs task=sft "
+                                      "or task=chat; Aligner's DPO dataset reads unpacked pairs")
         dpo = dict(c.get("dpo") or {})
         unknown = set(dpo) - {"prefix_mismatch", "append_eod"}
         if unknown:
@@ -170,13 +171,14 @@ def _init_worker(cfg: PrepConfig) -> None:
 def _process_chunk(chunk, fmt: str):
     """Everything that needs no global state: parse → canonical → template/tokens → MinHash.
 
-    Returns (rows, band keys of the accepted rows or None, their token ids concatenated or None):
+    Returns (rows, band keys of the accepted rows or None, their token ids concatenated or None,
+    their per-token chat loss masks concatenated or None):
     numpy arrays per chunk instead of Python objects per row, which are slow to pickle and big.
     """
     cfg: PrepConfig = _W["cfg"]
     tok: Tokenizer = _W["tok"]
     kind = formats.kind_of(fmt)
-    out, texts, id_parts = [], [], []
+    out, texts, id_parts, mask_parts = [], [], [], []
     for lineno, raw in chunk:
         try:
             obj = formats.parse_line(raw)
@@ -196,8 +198,9 @@ def _process_chunk(chunk, fmt: str):
                 row, ntok, truncated, fixed = fit_dpo(tok, row, cfg.seq_length, cfg.over_length == "truncate",
                                                       cfg.dpo_prefix_mismatch == "fix", cfg.dpo_append_eod)
             else:
-                # the length of GPTSFTChatDataset's input_ids for this row, token for token
-                ntok = len(encode_chat(tok, row)[0])
+                # GPTSFTChatDataset's input_ids and loss mask for this row, token for token
+                ids, chat_mask = encode_chat(tok, row)
+                ntok = len(ids)
                 if ntok > cfg.seq_length:
                     raise RowReject("too_long", f"{ntok} tokens > seq_length={cfg.seq_length}")
             norm = [dedup_text(f) for f in key_fields]  # once: both the key and the shingles use it
@@ -205,6 +208,8 @@ def _process_chunk(chunk, fmt: str):
                 texts.append(" ".join(norm))
             if cfg.pack:
                 id_parts.append(ids)
+                if cfg.task == "chat":
+                    mask_parts.append(chat_mask)
             line = json.dumps(row, ensure_ascii=False)
             out.append((lineno, None, line, example_key(norm, normalized=True), start, ntok, truncated, fixed))
         except RowReject as rej:
@@ -214,7 +219,9 @@ def _process_chunk(chunk, fmt: str):
         b, r = _W["lsh"]
         bands = band_keys(signatures(texts, cfg.shingle_size, cfg.num_perm), b, r)
     ids = np.fromiter(itertools.chain.from_iterable(id_parts), dtype=np.int32) if cfg.pack else None
-    return out, bands, ids
+    masks = (np.fromiter(itertools.chain.from_iterable(mask_parts), dtype=np.uint8)
+             if cfg.pack and cfg.task == "chat" else None)
+    return out, bands, ids, masks
 
 
 # ---------------------------------------------------------------- main process
@@ -321,7 +328,7 @@ def run_prep(cfg: PrepConfig, resolved_config: Optional[dict] = None, log=print)
         try:
             for fi, (spec, fmt) in enumerate(zip(cfg.inputs, fmts)):
                 pf = per_file[fi]
-                for chunk, (results, bands, ids_flat) in _results(pool, _chunks(spec.path, cfg.chunk_size), fmt,
+                for chunk, (results, bands, ids_flat, masks_flat) in _results(pool, _chunks(spec.path, cfg.chunk_size), fmt,
                                                                   2 * nworkers + 2):
                     raw_of = dict(chunk)
                     dedup.start_chunk([res[3] for res in results if res[1] is None], bands)
@@ -359,7 +366,8 @@ def run_prep(cfg: PrepConfig, resolved_config: Optional[dict] = None, log=print)
                         if split == "train":
                             train_source.append(fi)
                         if split in stores:
-                            stores[split].add(ids_flat[tok_at - ntok:tok_at], start)
+                            stores[split].add(ids_flat[tok_at - ntok:tok_at], start,
+                                              None if masks_flat is None else masks_flat[tok_at - ntok:tok_at])
                     bar.update(len(results))
         except BaseException:
             if pool is not None:

@@ -199,6 +199,9 @@ def test_template_rules():
         PrepConfig.from_dict({"input": str(FIX / "sharegpt.jsonl"), "template": {"truncation_field": "context"}})
     with pytest.raises(ConfigError, match="split"):
         PrepConfig.from_dict({"input": str(FIX / "sharegpt.jsonl"), "split": {"train": 0.5, "test": 0.2}})
+    with pytest.raises(ConfigError, match="pack needs task=sft or task=chat"):
+        PrepConfig.from_dict({"input": str(FIX / "sharegpt.jsonl"), "task": "dpo", "pack": True})
+    assert PrepConfig.from_dict({"input": str(FIX / "sharegpt.jsonl"), "task": "chat", "pack": True}).pack
 
 
 def _ffd_bins(sizes, cap):  # NeMo's first_fit_decreasing, restated (NeMo itself is tested in e2e)

@@ -158,6 +158,36 @@ def test_spilled_token_store_packs_like_the_in_memory_one(tmp_path):
     assert not (tmp_path / "ids.bin").exists()
 
 
+def test_masked_chat_rows_spill_and_pack_with_their_own_mask(tmp_path):
+    rnd = random.Random(3)
+    mem, spill = TokenStore(), SpillTokenStore(str(tmp_path / "ids.bin"))
+    rows = []
+    for _ in range(200):
+        n = rnd.randint(4, 90)
+        ids = [rnd.randint(3, 511) for _ in range(n)]
+        mask = [rnd.random() < 0.5 for _ in range(n)]
+        rows.append((ids, mask))
+        for store in (mem, spill):
+            store.add(ids, 0, mask)
+    p1, _ = pack(mem, list(range(200)), 256, seed=0, eos_id=2)
+    p2, _ = pack(spill, list(range(200)), 256, seed=0, eos_id=2)
+    _same_packs(p1, p2)
+    by_ids = {tuple(ids): mask for ids, mask in rows}
+    for p in p1:
+        b = list(p["seq_start_id"]) + [len(p["input_ids"])]
+        for a, e in zip(b, b[1:]):
+            mask = by_ids[tuple(p["input_ids"][a:e].tolist())]
+            # shifted as GPTSFTChatDataset's collate does (loss_mask = mask[1:]); last position unused
+            assert p["loss_mask"][a:e].tolist() == mask[1:] + [False]
+    with pytest.raises(ValueError, match="either masked"):
+        mem.add([5, 6], 1)
+    with pytest.raises(ValueError, match="loss mask of 1 for 2"):
+        mem.add([5, 6], 0, [True])
+    assert len(mem) == 200  # refused rows left no trace
+    spill.close()
+    assert not (tmp_path / "ids.bin").exists() and not (tmp_path / "ids.bin.mask").exists()
+
+
 def test_streamed_npy_loads_like_np_save(tmp_path):
     store = _store_rows(TokenStore())
     rows = list(range(len(store)))
