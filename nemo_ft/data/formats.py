@@ -17,7 +17,7 @@ from nemo_ft.data.normalize import clean_text, dedup_text
 # Every reason a row can be rejected for, in the order a row meets the checks.
 REASONS = (
     "blank_line", "invalid_utf8", "invalid_json", "not_object", "missing_key", "empty_value",
-    "wrong_type", "bad_conversation", "chosen_equals_rejected", "duplicate", "near_duplicate",
+    "wrong_type", "bad_conversation", "dpo_prompt_mismatch", "chosen_equals_rejected", "duplicate", "near_duplicate",
     "too_long", "chat_header_not_token_prefix", "dpo_prompt_not_token_prefix", "dpo_over_length",
 )
 
@@ -157,13 +157,47 @@ def render_chat_prompt(system: str, turns) -> str:
     return "\n".join(lines + ["Assistant:"])
 
 
-def _response(value, key: str) -> Tuple[str, Optional[str]]:
-    """A preference response: a string, or chat messages whose last turn is the assistant's."""
+def _response(value, key: str) -> Tuple[str, Optional[tuple]]:
+    """A preference response: a string, or chat messages whose last turn is the assistant's.
+    Returns (response text, (system, prompt turns) carried by the messages or None)."""
     if isinstance(value, list):
         system, turns = _turns(value, key, "role", "content")
-        prompt = render_chat_prompt(system, turns[:-1]) if len(turns) > 1 else None
-        return " " + turns[-1][1].lstrip(), prompt
+        return " " + turns[-1][1].lstrip(), ((system, turns[:-1]) if len(turns) > 1 else None)
     return _text({key: value}, key), None
+
+
+def _same_conversation(a: tuple, b: tuple) -> bool:
+    (sa, ta), (sb, tb) = a, b
+    return dedup_text(sa) == dedup_text(sb) and [(r, dedup_text(t)) for r, t in ta] == [(r, dedup_text(t)) for r, t in tb]
+
+
+def _pref_prompt(o: dict, prefixes: dict) -> str:
+    """The one prompt of a preference row. Responses given as messages carry their own prompt
+    turns (TRL/UltraFeedback style); a row whose chosen and rejected (or explicit prompt) disagree
+    on what was asked is rejected: its preference is not about one prompt."""
+    carried = [(k, p) for k, p in prefixes.items() if p is not None]
+    for (k1, p1), (k2, p2) in zip(carried, carried[1:]):
+        if not _same_conversation(p1, p2):
+            raise RowReject("dpo_prompt_mismatch", f"{k1!r} and {k2!r} continue different conversations")
+    if "prompt" in o and isinstance(o["prompt"], list):
+        system, turns = _turns(o["prompt"] + [{"role": "assistant", "content": "x"}], "prompt", "role", "content")
+        explicit = (system, turns[:-1])
+        if carried and not _same_conversation(carried[0][1], explicit):
+            raise RowReject("dpo_prompt_mismatch", f"'prompt' and the turns before {carried[0][0]!r}'s answer differ")
+        return render_chat_prompt(*explicit)
+    if "prompt" in o:
+        prompt = _text(o, "prompt")
+        if carried:
+            system, turns = carried[0][1]
+            # a plain prompt names the last user turn (or the whole rendered prefix)
+            asked = [t for r, t in turns if r == "User"][-1:]
+            if dedup_text(prompt) not in {dedup_text(t) for t in asked} | {dedup_text(render_chat_prompt(system, turns))}:
+                raise RowReject("dpo_prompt_mismatch",
+                                f"'prompt' is not the last user turn before {carried[0][0]!r}'s answer")
+        return prompt
+    if carried:
+        return render_chat_prompt(*carried[0][1])
+    raise RowReject("missing_key", "key 'prompt' is missing")
 
 
 def to_canonical(obj: dict, fmt: str) -> dict:
@@ -194,16 +228,8 @@ def to_canonical(obj: dict, fmt: str) -> dict:
         if k not in o:
             raise RowReject("missing_key", f"key {k!r} is missing")
     chosen, p1 = _response(o[ck], ck)
-    rejected, _ = _response(o[rk], rk)
-    if "prompt" in o and isinstance(o["prompt"], list):
-        system, turns = _turns(o["prompt"] + [{"role": "assistant", "content": "x"}], "prompt", "role", "content")
-        prompt = render_chat_prompt(system, turns[:-1])
-    elif "prompt" in o:
-        prompt = _text(o, "prompt")
-    elif p1 is not None:
-        prompt = p1
-    else:
-        raise RowReject("missing_key", "key 'prompt' is missing")
+    rejected, p2 = _response(o[rk], rk)
+    prompt = _pref_prompt(o, {ck: p1, rk: p2})
     if dedup_text(chosen) == dedup_text(rejected):
         raise RowReject("chosen_equals_rejected", "chosen and rejected responses are the same text")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}

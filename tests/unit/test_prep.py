@@ -88,11 +88,16 @@ def test_golden_counts_on_fixture_corpus(tmp_path):
 
 def test_preference_fixtures_for_dpo(tmp_path):
     m = prep(tmp_path, [FIX / "preference.jsonl", FIX / "aligner_dpo.jsonl"], task="dpo")
-    assert m["counts"]["rejected"] == {"missing_key": 1, "chosen_equals_rejected": 1}
-    rows = read_jsonl(tmp_path / "out" / "train.jsonl")
+    assert m["counts"]["rejected"] == {"missing_key": 1, "dpo_prompt_mismatch": 1, "chosen_equals_rejected": 1}
+    rows = [r for s in ("train", "validation", "test") for r in read_jsonl(tmp_path / "out" / f"{s}.jsonl")]
     assert all(set(r) == {"prompt", "chosen_response", "rejected_response"} for r in rows)
     assert {"prompt": "User: Best pet?\nAssistant:", "chosen_response": " A cat.",
             "rejected_response": " A rock."} in rows
+    # TRL style: the prompt repeated as the messages' user turn (whitespace aside) is one prompt
+    assert {"prompt": "Tallest animal?", "chosen_response": " The giraffe.", "rejected_response": " The ant."} in rows
+    mismatch = [r for r in read_jsonl(tmp_path / "out" / "rejects.jsonl") if r["reason"] == "dpo_prompt_mismatch"]
+    assert len(mismatch) == 1 and "Best fruit" in mismatch[0]["raw"] and mismatch[0]["line"] == 6
+    assert "'chosen' and 'rejected' continue different conversations" in mismatch[0]["detail"]
 
 
 def test_chat_task_writes_nemo_chat(tmp_path):
@@ -307,3 +312,26 @@ def test_cli_errors_are_one_readable_line(tmp_path, args, expect):
     r = _cli(*args, f"out_dir={tmp_path}")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().startswith("nemo-ft prep: error:") and expect in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("row, ok", [
+    ({"prompt": [{"role": "user", "content": "Hi?"}], "chosen": [{"role": "user", "content": "Hi?"},
+      {"role": "assistant", "content": "Hello."}], "rejected": "Go away."}, True),
+    ({"prompt": [{"role": "user", "content": "Hi?"}], "chosen": [{"role": "user", "content": "Bye?"},
+      {"role": "assistant", "content": "Hello."}], "rejected": "Go away."}, False),
+    ({"prompt": "Which?", "chosen": [{"role": "user", "content": "Other?"}, {"role": "assistant", "content": "A."}],
+      "rejected": [{"role": "user", "content": "Other?"}, {"role": "assistant", "content": "B."}]}, False),
+    ({"prompt": "User: Which?\nAssistant:", "chosen": [{"role": "user", "content": "Which?"},
+      {"role": "assistant", "content": "A."}], "rejected": "B."}, True),  # the rendered prefix itself
+    ({"chosen": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q?"},
+                 {"role": "assistant", "content": "A."}],
+      "rejected": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "B."}]}, False),  # system differs
+])
+def test_preference_prompt_carried_by_messages_must_agree(row, ok):
+    from nemo_ft.data.formats import RowReject, to_canonical
+    if ok:
+        assert to_canonical(row, "preference")["prompt"]
+    else:
+        with pytest.raises(RowReject) as err:
+            to_canonical(row, "preference")
+        assert err.value.reason == "dpo_prompt_mismatch"
