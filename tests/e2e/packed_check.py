@@ -1,6 +1,8 @@
 """Per-example losses of packed vs unpacked examples through the real NeMo model (run as a script).
 
-    python tests/e2e/packed_check.py PACKED.npy [N_PACKS]  -> prints one JSON object
+    python tests/e2e/packed_check.py PACKED.npy [N_PACKS] [HYDRA OVERRIDES...]  -> prints one JSON object
+
+(scripts/gpu_packed_check.sh runs it on a GPU with parallel=debug_1gpu.)
 
 Restores the tiny base with the SFT stage's own code path (config composed from conf/sft_lora.yaml,
 nemo_ft.runtime, NeMo's restore), then for each of the first N packs of PACKED.npy computes every
@@ -9,6 +11,7 @@ NeMo's PackedSeqParams (what `packed_sequence=true` trains on), and inside its p
 boundaries dropped (the leaky workaround), so the test can show the check is able to fail.
 """
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,10 +23,10 @@ import nemo_ft.config  # noqa: F401
 from nemo_ft.paths import CONF_DIR
 
 
-def main(packed_path: str, n_packs: int = 3) -> dict:
+def main(packed_path: str, n_packs: int = 3, overrides=()) -> dict:
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         cfg = compose("sft_lora", overrides=["peft=none", "run.dir=/tmp/nemo_ft_packed_check",
-                                             "trainer.enable_progress_bar=false"])
+                                             "trainer.enable_progress_bar=false", *overrides])
     from nemo_ft import runtime
     from nemo_ft.stages import common, sft
 
@@ -36,6 +39,7 @@ def main(packed_path: str, n_packs: int = 3) -> dict:
     model = sft.restore_model(cfg, trainer)
     model.eval()
     gpt = model.model
+    dev = next(gpt.parameters()).device
     packs = np.load(packed_path, allow_pickle=True)
     ds = GPTSFTPackedDataset.__new__(GPTSFTPackedDataset)  # only its collate_fn is used
     ds.tokenizer, ds.answer_only_loss, ds.pad_to_max_length = model.tokenizer, True, False
@@ -47,7 +51,7 @@ def main(packed_path: str, n_packs: int = 3) -> dict:
         for p in packs[:n_packs]:
             item = {"input_ids": list(p["input_ids"]), "loss_mask": list(p["loss_mask"]),
                     "seq_boundaries": list(p["seq_start_id"]) + [len(p["input_ids"])]}
-            batch = ds.collate_fn([item])
+            batch = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in ds.collate_fn([item]).items()}
             cu = batch["cu_seqlens"][0]
             cu = cu[: int(batch["cu_seqlens_argmin"][0])] if "cu_seqlens_argmin" in batch else cu[cu >= 0]
             params = PackedSeqParams(cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
@@ -64,11 +68,12 @@ def main(packed_path: str, n_packs: int = 3) -> dict:
                     continue
                 packed.append(float((per_token[a:b] * mask[a:b]).sum()))
                 leaky.append(float((per_token_leaky[a:b] * mask[a:b]).sum()))
-                one = gpt(input_ids=batch["tokens"][:, a:b], position_ids=torch.arange(b - a)[None],
+                one = gpt(input_ids=batch["tokens"][:, a:b], position_ids=torch.arange(b - a, device=dev)[None],
                           attention_mask=None, labels=batch["labels"][:, a:b])[0]
                 alone.append(float((one * mask[a:b]).sum()))
-    return {"alone": alone, "packed": packed, "leaky": leaky}
+    return {"alone": alone, "packed": packed, "leaky": leaky, "device": str(dev),
+            "attention": os.environ.get("NEMO_FT_PACKED_ATTENTION") or ("mask" if dev.type == "cuda" else "loop")}
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 3)))
+    print(json.dumps(main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 3, sys.argv[3:])))
