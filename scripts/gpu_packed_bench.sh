@@ -6,13 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?out dir}; mkdir -p "$OUT"
-PY=${PY:-python3}
-if [ "${WHEELS:-0}" = 1 ]; then
-  pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD/.whl/mc:$PWD/.whl/stubs:$PWD
-fi
-export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
-nvidia-smi -L
+. scripts/_device_env.sh
 BASE=$(mktemp -d)/base
 # 1) the configuration measured before the RoPE fix (0.96x): pack 1024 vs 8 padded rows
 timeout 270 $PY benchmarks/packed_vs_padded.py --parallel debug_1gpu --hidden 2048 --layers 8 \

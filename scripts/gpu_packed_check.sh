@@ -6,13 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?out dir}; mkdir -p "$OUT"
-PY=${PY:-python3}
-if [ "${WHEELS:-0}" = 1 ]; then
-  [ -d /tmp/site/nemo ] || pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD/.whl/mc:$PWD/.whl/stubs:$PWD
-fi
-export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
-nvidia-smi -L
+. scripts/_device_env.sh
 DATA=$(mktemp -d)
 $PY -m nemo_ft.stages.prep input=data/sample/sft_train.jsonl out_dir="$DATA" "template.prompt_template='{input}{output}'" \
   pack=true seq_length=128 progress=false > /dev/null

@@ -167,8 +167,11 @@ def _response(value, key: str) -> Tuple[str, Optional[tuple]]:
 
 
 def _same_conversation(a: tuple, b: tuple) -> bool:
-    (sa, ta), (sb, tb) = a, b
-    return dedup_text(sa) == dedup_text(sb) and [(r, dedup_text(t)) for r, t in ta] == [(r, dedup_text(t)) for r, t in tb]
+    """(system, turns) pairs equal up to whitespace and case."""
+    def key(conv):
+        system, turns = conv
+        return dedup_text(system), [(role, dedup_text(text)) for role, text in turns]
+    return key(a) == key(b)
 
 
 def _pref_prompt(o: dict, prefixes: dict) -> str:
@@ -190,8 +193,8 @@ def _pref_prompt(o: dict, prefixes: dict) -> str:
         if carried:
             system, turns = carried[0][1]
             # a plain prompt names the last user turn (or the whole rendered prefix)
-            asked = [t for r, t in turns if r == "User"][-1:]
-            if dedup_text(prompt) not in {dedup_text(t) for t in asked} | {dedup_text(render_chat_prompt(system, turns))}:
+            last_user = [dedup_text(t) for r, t in turns if r == "User"][-1:]
+            if dedup_text(prompt) not in set(last_user) | {dedup_text(render_chat_prompt(system, turns))}:
                 raise RowReject("dpo_prompt_mismatch",
                                 f"'prompt' is not the last user turn before {carried[0][0]!r}'s answer")
         return prompt

@@ -328,8 +328,8 @@ def run_prep(cfg: PrepConfig, resolved_config: Optional[dict] = None, log=print)
         try:
             for fi, (spec, fmt) in enumerate(zip(cfg.inputs, fmts)):
                 pf = per_file[fi]
-                for chunk, (results, bands, ids_flat, masks_flat) in _results(pool, _chunks(spec.path, cfg.chunk_size), fmt,
-                                                                  2 * nworkers + 2):
+                chunks = _results(pool, _chunks(spec.path, cfg.chunk_size), fmt, 2 * nworkers + 2)
+                for chunk, (results, bands, ids_flat, masks_flat) in chunks:
                     raw_of = dict(chunk)
                     dedup.start_chunk([res[3] for res in results if res[1] is None], bands)
                     i_ok, tok_at = -1, 0
