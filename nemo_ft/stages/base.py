@@ -28,12 +28,26 @@ def read_lines(text_files: list[str]) -> list[str]:
             if line.strip()]
 
 
+def tokenizer_lines(files: list[str]) -> list[str]:
+    """What the tokenizer learns from: the lines of text files and, for NeMo SFT .jsonl files, the
+    lines of each row's input + output (so the prompt words SFT will see get pieces of their own)."""
+    lines = []
+    for f in files:
+        if f.endswith(".jsonl"):
+            rows = [json.loads(line) for line in Path(f).read_text(encoding="utf-8").splitlines() if line.strip()]
+            text = "\n".join(r["input"] + r["output"] for r in rows)
+            lines += [line.strip() for line in text.splitlines() if line.strip()]
+        else:
+            lines += read_lines([f])
+    return lines
+
+
 def train_tokenizer(text_files: list[str], out_prefix: Path, vocab_size: int) -> Path:
     """A BPE SentencePiece model with byte fallback (no <unk> for any UTF-8), deterministic."""
     import sentencepiece as spm
 
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(read_lines(text_files)), model_prefix=str(out_prefix), vocab_size=vocab_size, model_type="bpe",
+        sentence_iterator=iter(tokenizer_lines(text_files)), model_prefix=str(out_prefix), vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, character_coverage=1.0, split_digits=True, num_threads=1,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, input_sentence_size=0, shuffle_input_sentence=False,
         minloglevel=2, hard_vocab_limit=False)
@@ -61,7 +75,7 @@ def run(cfg: DictConfig) -> Path:
     (run_dir / cfg.run.metrics_file).unlink(missing_ok=True)
 
     if cfg.tokenizer.train:
-        model_path = train_tokenizer(list(cfg.run.text_files), run_dir / "tokenizer", int(cfg.tokenizer.vocab_size))
+        model_path = train_tokenizer(list(cfg.tokenizer.text_files), run_dir / "tokenizer", int(cfg.tokenizer.vocab_size))
         with open_dict(cfg):
             cfg.tokenizer.model = str(model_path)
     n_train, n_val = write_pretrain_jsonl(list(cfg.run.text_files), run_dir, float(cfg.run.validation_fraction))
