@@ -171,12 +171,23 @@ def test_chat_lengths_match_nemo_chat_dataset(tmp_path):
         assert sum(mask) == int(batch["loss_mask"].sum()) > 0  # trained tokens
         lengths.append(len(ids))
         # trained: the assistant turns (after the first turn) — never the system prompt or a user turn
-        trained = tok.decode([t for t, keep in zip(ids, mask) if keep])
+        trained = " ".join(tok.decode([t for t, keep in zip(ids, mask) if keep]).split())
         turns = row["conversations"]
         for j, t in enumerate(turns):
             text = " ".join(t["value"].split())
             assert (text in trained) == (t["from"] == "Assistant" and j > 0), (t, trained)
         assert not row["system"] or row["system"] not in trained
+        # ...exactly: each trained span is one answer and its end-of-turn marker, no piece of the
+        # "<extra_id_1>Assistant\n" header (a tokenizer that drops "\n" made NeMo train "ant" here)
+        spans, run = [], []
+        for t, keep in zip(ids + [None], mask + [False]):
+            if keep:
+                run.append(t)
+            elif run:
+                spans.append(tok.decode(run))
+                run = []
+        answers = [t["value"] for j, t in enumerate(turns) if t["from"] == "Assistant" and j > 0]
+        assert [sp.strip() for sp in spans] == [f"{a.lstrip()}\n<extra_id_1>" for a in answers], (spans, answers)
     st = json.load(open(out / "stats.json"))["splits"]["train"]
     assert (st["tokens"], st["min"], st["max"]) == (sum(lengths), min(lengths), max(lengths))
 

@@ -29,26 +29,31 @@ def read_lines(text_files: list[str]) -> list[str]:
 
 
 def tokenizer_lines(files: list[str]) -> list[str]:
-    """What the tokenizer learns from: the lines of text files and, for NeMo SFT .jsonl files, the
-    lines of each row's input + output (so the prompt words SFT will see get pieces of their own)."""
+    """What the tokenizer learns from: the lines of text files and, for NeMo SFT .jsonl files, each
+    row's input + output as one text, newlines included (so the prompt words and the "\\n" joins
+    SFT will see get pieces of their own)."""
     lines = []
     for f in files:
         if f.endswith(".jsonl"):
             rows = [json.loads(line) for line in Path(f).read_text(encoding="utf-8").splitlines() if line.strip()]
-            text = "\n".join(r["input"] + r["output"] for r in rows)
-            lines += [line.strip() for line in text.splitlines() if line.strip()]
+            lines += [(r["input"] + r["output"]).strip() for r in rows]
         else:
             lines += read_lines([f])
     return lines
 
 
 def train_tokenizer(text_files: list[str], out_prefix: Path, vocab_size: int) -> Path:
-    """A BPE SentencePiece model with byte fallback (no <unk> for any UTF-8), deterministic."""
+    """A BPE SentencePiece model with byte fallback (no <unk> for any UTF-8), deterministic.
+
+    "\\n" is a piece of its own: SentencePiece's default normalizer would turn it into a space, and
+    NeMo's chat dataset, which ends every speaker name with "\\n" and measures the header by
+    tokenizing it, then masks one token too few per turn (it trains the last piece of "Assistant").
+    Llama's tokenizers keep newlines too."""
     import sentencepiece as spm
 
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(tokenizer_lines(text_files)), model_prefix=str(out_prefix), vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, character_coverage=1.0, split_digits=True, num_threads=1,
+        byte_fallback=True, character_coverage=1.0, split_digits=True, num_threads=1, user_defined_symbols=["\n"],
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, input_sentence_size=0, shuffle_input_sentence=False,
         minloglevel=2, hard_vocab_limit=False)
     return out_prefix.with_suffix(".model")
