@@ -238,3 +238,38 @@ def test_packed_chat_round_trip_through_nemo(tmp_path):
             n_seqs += 1
             seen.add(ids)
     assert n_seqs == m["counts"]["train_rows_written"] and seen == set(reference)
+
+
+def test_dpo_nemo_chat_prompts_continue_as_nemo_chat_sft_trains(tmp_path):
+    """dpo.prompt_format=nemo_chat: prompt + chosen_response is, character for character, the
+    conversation GPTSFTChatDataset builds (and trains on) for the same turns with the chosen answer
+    last, so DPO sees the format a data=chat SFT model was trained on."""
+    from nemo.collections.nlp.data.language_modeling.megatron.gpt_sft_chat_dataset import (
+        _get_header_conversation_type_mask_role)
+
+    from nemo_ft.data.tokenize import CHAT_TOKENS
+
+    rows = [{"chosen": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Best pet?"},
+                        {"role": "assistant", "content": "A cat."}, {"role": "user", "content": "Why?"},
+                        {"role": "assistant", "content": "Purrs.\nLoudly."}],
+             "rejected": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Best pet?"},
+                          {"role": "assistant", "content": "A cat."}, {"role": "user", "content": "Why?"},
+                          {"role": "assistant", "content": "No idea."}]},
+            {"prompt": [{"role": "user", "content": "Capital of Peru?"}], "chosen": "Lima.", "rejected": "Oslo."}]
+    (tmp_path / "pref.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    run_prep(PrepConfig.from_dict({
+        "input": str(tmp_path / "pref.jsonl"), "out_dir": str(tmp_path / "out"), "task": "dpo",
+        "tokenizer": {"model": TOKENIZER}, "seq_length": 256, "dpo": {"prompt_format": "nemo_chat"},
+        "split": {"train": 1.0, "validation": 0.0, "test": 0.0}, "progress": False, "workers": 1}))
+    written = [json.loads(line) for line in open(tmp_path / "out" / "train.jsonl", encoding="utf-8")]
+    assert len(written) == 2
+    roles = {"system": None, "user": "User", "assistant": "Assistant"}
+    for row, out in zip(rows, written):
+        turns = row.get("prompt") or row["chosen"][:-1]
+        system = next((t["content"] for t in turns if t["role"] == "system"), "")
+        chosen = row["chosen"] if isinstance(row["chosen"], str) else row["chosen"][-1]["content"]
+        conv = [{"from": roles[t["role"]], "value": t["content"]} for t in turns if t["role"] != "system"]
+        source = {"system": system, "conversations": conv + [{"from": "Assistant", "value": chosen}],
+                  "mask": "User", "type": None}
+        _, conversation, _, _ = _get_header_conversation_type_mask_role(source, dict(CHAT_TOKENS))
+        assert out["prompt"] + out["chosen_response"] == conversation

@@ -4,7 +4,8 @@ of one JSON row into a canonical example.
 Canonical examples are plain dicts of one of three kinds, whatever the input looked like:
   sft:  {"input": str, "output": str}
   chat: {"system": str, "turns": [[role, text], ...]}   roles are NeMo's "User"/"Assistant"
-  pref: {"prompt": str, "chosen": str, "rejected": str}
+  pref: {"prompt": str, "chosen": str, "rejected": str, "context": (system, turns) or None}
+        (prompt is the plain rendering; context keeps a chat-shaped prompt's turns for other renderings)
 A row that cannot be converted raises RowReject(reason, detail); the pipeline counts it.
 """
 import gzip
@@ -174,10 +175,11 @@ def _same_conversation(a: tuple, b: tuple) -> bool:
     return key(a) == key(b)
 
 
-def _pref_prompt(o: dict, prefixes: dict) -> str:
+def _pref_prompt(o: dict, prefixes: dict) -> Tuple[str, Optional[tuple]]:
     """The one prompt of a preference row. Responses given as messages carry their own prompt
     turns (TRL/UltraFeedback style); a row whose chosen and rejected (or explicit prompt) disagree
-    on what was asked is rejected: its preference is not about one prompt."""
+    on what was asked is rejected: its preference is not about one prompt.
+    Returns (the prompt rendered plain, its (system, turns) when it is a conversation)."""
     carried = [(k, p) for k, p in prefixes.items() if p is not None]
     for (k1, p1), (k2, p2) in zip(carried, carried[1:]):
         if not _same_conversation(p1, p2):
@@ -187,7 +189,7 @@ def _pref_prompt(o: dict, prefixes: dict) -> str:
         explicit = (system, turns[:-1])
         if carried and not _same_conversation(carried[0][1], explicit):
             raise RowReject("dpo_prompt_mismatch", f"'prompt' and the turns before {carried[0][0]!r}'s answer differ")
-        return render_chat_prompt(*explicit)
+        return render_chat_prompt(*explicit), explicit
     if "prompt" in o:
         prompt = _text(o, "prompt")
         if carried:
@@ -197,9 +199,9 @@ def _pref_prompt(o: dict, prefixes: dict) -> str:
             if dedup_text(prompt) not in set(last_user) | {dedup_text(render_chat_prompt(system, turns))}:
                 raise RowReject("dpo_prompt_mismatch",
                                 f"'prompt' is not the last user turn before {carried[0][0]!r}'s answer")
-        return prompt
+        return prompt, None
     if carried:
-        return render_chat_prompt(*carried[0][1])
+        return render_chat_prompt(*carried[0][1]), carried[0][1]
     raise RowReject("missing_key", "key 'prompt' is missing")
 
 
@@ -232,17 +234,49 @@ def to_canonical(obj: dict, fmt: str) -> dict:
             raise RowReject("missing_key", f"key {k!r} is missing")
     chosen, p1 = _response(o[ck], ck)
     rejected, p2 = _response(o[rk], rk)
-    prompt = _pref_prompt(o, {ck: p1, rk: p2})
+    prompt, context = _pref_prompt(o, {ck: p1, rk: p2})
     if dedup_text(chosen) == dedup_text(rejected):
         raise RowReject("chosen_equals_rejected", "chosen and rejected responses are the same text")
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "context": context}
 
 
 def kind_of(fmt: str) -> str:
     return FORMATS[fmt][0]
 
 
-def for_task(ex: dict, kind: str, task: str) -> dict:
+# NeMo's chat markup (GPTSFTChatDataset's default special tokens), as NeMo-Aligner's DPO guide
+# writes prompts for models SFT-trained on it: prompt up to "<extra_id_1>Assistant\n", each response
+# followed by "\n<extra_id_1>".
+NEMO_SYSTEM, NEMO_TURN, NEMO_END = "<extra_id_0>System\n", "<extra_id_1>", "\n"
+DPO_PROMPT_FORMATS = ("plain", "nemo_chat")
+
+
+def render_nemo_chat_prompt(system: str, turns) -> str:
+    """The text GPTSFTChatDataset builds for these turns, then the Assistant's header."""
+    text = NEMO_SYSTEM + system + NEMO_END
+    for role, value in turns:
+        text += f"{NEMO_TURN}{role}\n{value}{NEMO_END}"
+    return text + f"{NEMO_TURN}Assistant\n"
+
+
+def _dpo_row(ex: dict, prompt_format: str) -> dict:
+    if prompt_format == "plain":
+        return {"prompt": ex["prompt"], "chosen_response": ex["chosen"], "rejected_response": ex["rejected"]}
+    if ex.get("context") is not None:
+        prompt = render_nemo_chat_prompt(*ex["context"])
+    elif ex["prompt"].startswith(NEMO_SYSTEM):  # already in NeMo's markup
+        prompt = ex["prompt"]
+    else:
+        prompt = render_nemo_chat_prompt("", [["User", ex["prompt"]]])
+    end = NEMO_END + NEMO_TURN
+
+    def response(r):
+        r = r.lstrip()
+        return r if r.endswith(end) else r + end
+    return {"prompt": prompt, "chosen_response": response(ex["chosen"]), "rejected_response": response(ex["rejected"])}
+
+
+def for_task(ex: dict, kind: str, task: str, dpo_prompt_format: str = "plain") -> dict:
     """The row as the chosen task's NeMo reader wants it (keys are NeMo's / Aligner's)."""
     if task == "sft":
         if kind == "chat":
@@ -256,7 +290,7 @@ def for_task(ex: dict, kind: str, task: str) -> dict:
             system, turns = ex["system"], ex["turns"]
         return {"system": system, "conversations": [{"from": r, "value": t} for r, t in turns],
                 "mask": "User", "type": None}
-    return {"prompt": ex["prompt"], "chosen_response": ex["chosen"], "rejected_response": ex["rejected"]}
+    return _dpo_row(ex, dpo_prompt_format)
 
 
 def identity_fields(ex: dict, kind: str):

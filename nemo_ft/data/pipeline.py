@@ -73,6 +73,7 @@ class PrepConfig:
     progress: bool = True
     dpo_prefix_mismatch: str = "fix"
     dpo_append_eod: bool = False
+    dpo_prompt_format: str = "plain"
 
     @classmethod
     def from_dict(cls, c: dict) -> "PrepConfig":
@@ -122,9 +123,13 @@ class PrepConfig:
             raise ConfigError("pack", "NeMo's packed format (GPTSFTPackedDataset) is for SFT: pack needs task=sft "
                                       "or task=chat; Aligner's DPO dataset reads unpacked pairs")
         dpo = dict(c.get("dpo") or {})
-        unknown = set(dpo) - {"prefix_mismatch", "append_eod"}
+        unknown = set(dpo) - {"prefix_mismatch", "append_eod", "prompt_format"}
         if unknown:
-            raise ConfigError("dpo", f"unknown keys {sorted(unknown)}; allowed: prefix_mismatch, append_eod")
+            raise ConfigError("dpo", f"unknown keys {sorted(unknown)}; allowed: prefix_mismatch, append_eod, "
+                                     "prompt_format")
+        prompt_format = dpo.get("prompt_format", "plain")
+        if prompt_format not in formats.DPO_PROMPT_FORMATS:
+            raise ConfigError("dpo.prompt_format", f"expected one of {formats.DPO_PROMPT_FORMATS}, got {prompt_format!r}")
         prefix_mismatch = dpo.get("prefix_mismatch", "fix")
         if prefix_mismatch not in PREFIX_MISMATCH:
             raise ConfigError("dpo.prefix_mismatch", f"expected fix or reject, got {prefix_mismatch!r}")
@@ -154,6 +159,7 @@ class PrepConfig:
             workers=int(c.get("workers", 0)), chunk_size=int(c.get("chunk_size", 1000)),
             progress=bool(c.get("progress", True)),
             dpo_prefix_mismatch=prefix_mismatch, dpo_append_eod=bool(dpo.get("append_eod", False)),
+            dpo_prompt_format=prompt_format,
         )
 
 
@@ -183,7 +189,7 @@ def _process_chunk(chunk, fmt: str):
         try:
             obj = formats.parse_line(raw)
             ex = formats.to_canonical(obj, fmt)
-            row = formats.for_task(ex, kind, cfg.task)
+            row = formats.for_task(ex, kind, cfg.task, cfg.dpo_prompt_format)
             key_fields = formats.identity_fields(ex, kind)
             truncated, ids, start, fixed = False, None, 0, False
             if cfg.task == "sft":

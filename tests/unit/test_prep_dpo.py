@@ -104,6 +104,44 @@ def test_dpo_config_errors():
     with pytest.raises(ConfigError, match="unknown keys"):
         PrepConfig.from_dict({**base, "dpo": {"prefix": "fix"}})
     assert PrepConfig.from_dict(base).dpo_prefix_mismatch == "fix"
+    with pytest.raises(ConfigError, match="dpo.prompt_format"):
+        PrepConfig.from_dict({**base, "dpo": {"prompt_format": "chatml"}})
+
+
+def test_dpo_nemo_chat_prompt_format_is_aligners(tmp_path):
+    """dpo.prompt_format=nemo_chat writes what NeMo-Aligner's DPO guide shows for models SFT-trained
+    on NeMo's chat template; rows already in that markup are left alone; every row passes
+    Aligner's prefix assert with the tiny tokenizer (its prompt ends in the "\n" piece)."""
+    src = tmp_path / "pref.jsonl"
+    _write(src, [
+        {"prompt": "Which year was the Magna Carta signed?", "chosen": "1215",
+         "rejected": "I refuse to answer this question."},
+        {"chosen": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Best pet?"},
+                    {"role": "assistant", "content": "A cat."}, {"role": "user", "content": "Why?"},
+                    {"role": "assistant", "content": "Purrs."}],
+         "rejected": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Best pet?"},
+                      {"role": "assistant", "content": "A cat."}, {"role": "user", "content": "Why?"},
+                      {"role": "assistant", "content": "No idea."}]},
+    ])
+    aligner = tmp_path / "aligner.jsonl"  # one file per format: detection is per file
+    _write(aligner, [{"prompt": "<extra_id_0>System\n\n<extra_id_1>User\n2*10=?\n<extra_id_1>Assistant\n",
+                      "chosen_response": "20\n<extra_id_1>",
+                      "rejected_response": "I refuse to answer this question.\n<extra_id_1>"}])
+    m = prep(tmp_path, [{"path": str(src), "weight": 2}, {"path": str(aligner), "weight": 1}], task="dpo",
+             dpo={"prompt_format": "nemo_chat"}, seq_length=256)
+    rows = read_jsonl(tmp_path / "out" / "train.jsonl")
+    assert m["counts"]["rejected_total"] == 0 and m["counts"]["dpo_prefix_fixed"] == 0
+    assert rows[0] == {  # the guide's own example line
+        "prompt": "<extra_id_0>System\n\n<extra_id_1>User\nWhich year was the Magna Carta signed?\n<extra_id_1>Assistant\n",
+        "chosen_response": "1215\n<extra_id_1>", "rejected_response": "I refuse to answer this question.\n<extra_id_1>"}
+    assert rows[1]["prompt"] == ("<extra_id_0>System\nBe brief.\n<extra_id_1>User\nBest pet?\n<extra_id_1>Assistant\n"
+                                 "A cat.\n<extra_id_1>User\nWhy?\n<extra_id_1>Assistant\n")
+    assert (rows[1]["chosen_response"], rows[1]["rejected_response"]) == ("Purrs.\n<extra_id_1>", "No idea.\n<extra_id_1>")
+    assert rows[2] == {"prompt": "<extra_id_0>System\n\n<extra_id_1>User\n2*10=?\n<extra_id_1>Assistant\n",
+                       "chosen_response": "20\n<extra_id_1>",
+                       "rejected_response": "I refuse to answer this question.\n<extra_id_1>"}
+    encode = sentencepiece.SentencePieceProcessor(model_file=TOKENIZER).encode
+    assert all(aligner_check(encode, r, 256)[0] for r in rows)
 
 
 # ---------------------------------------------------------------- tokenizer.library=huggingface
