@@ -120,8 +120,9 @@ class PrepConfig:
         if over not in ("truncate", "reject"):
             raise ConfigError("over_length", f"expected truncate or reject, got {over!r}")
         if c.get("pack") and task == "dpo":
-            raise ConfigError("pack", "NeMo's packed format (GPTSFTPackedDataset) is for SFT: pack needs task=sft "
-                                      "or task=chat; Aligner's DPO dataset reads unpacked pairs")
+            raise ConfigError("pack", "prep packs NeMo's SFT format (GPTSFTPackedDataset): pack needs task=sft or "
+                                      "task=chat; for packed DPO run NeMo-Aligner's prepare_packed_dpo_dataset.py "
+                                      "on prep's DPO output (its packs hold chosen+rejected pairs)")
         dpo = dict(c.get("dpo") or {})
         unknown = set(dpo) - {"prefix_mismatch", "append_eod", "prompt_format"}
         if unknown:
