@@ -12,12 +12,13 @@ export TOKENIZERS_PARALLELISM ?= false
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	@command -v g++ >/dev/null || (echo "installing g++ (NeMo compiles a C++ helper at first use)"; \
 	  apt-get update -qq && apt-get install -y -qq g++ make >/dev/null)
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q -U pip setuptools wheel
 	$(VPY) -m pip install -q -e '.[nemo,test]'
+	$(VPY) -m pip install -q --no-deps nemo-aligner==0.7.0  # see pyproject.toml
 	touch $@
 
 demo: install

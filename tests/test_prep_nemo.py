@@ -273,3 +273,35 @@ def test_dpo_nemo_chat_prompts_continue_as_nemo_chat_sft_trains(tmp_path):
                   "mask": "User", "type": None}
         _, conversation, _, _ = _get_header_conversation_type_mask_role(source, dict(CHAT_TOKENS))
         assert out["prompt"] + out["chosen_response"] == conversation
+
+
+@pytest.mark.parametrize("dpo", [{}, {"append_eod": True}, {"prompt_format": "nemo_chat"}])
+def test_dpo_output_through_nemo_aligners_dataset(tmp_path, dpo):
+    """prep task=dpo output read by NeMo-Aligner 0.7.0's own DPOModelDataset: no row trips its
+    prompt-prefix assert, none is over length (Aligner would keep it with zero loss), and the
+    lengths prep reports are Aligner's."""
+    from nemo_aligner.data.nlp.datasets import DPOModelDataset
+    from omegaconf import OmegaConf
+
+    fix = DATA_DIR / "fixtures"
+    seq = 48
+    m = run_prep(PrepConfig.from_dict({
+        "inputs": [str(fix / "dpo_prefix.jsonl"), str(fix / "preference.jsonl"), str(fix / "aligner_dpo.jsonl")],
+        "out_dir": str(tmp_path / "out"), "task": "dpo", "tokenizer": {"model": TOKENIZER}, "seq_length": seq,
+        "dpo": dpo, "split": {"train": 1.0, "validation": 0.0, "test": 0.0}, "progress": False, "workers": 1}))
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "train.jsonl", encoding="utf-8")]
+    assert len(rows) == m["counts"]["train_rows_written"] >= 8
+    cfg = OmegaConf.create({"data": {"append_eod": bool(dpo.get("append_eod", False))}})
+    ds = DPOModelDataset(cfg=cfg, tokenizer=_nemo_tokenizer(), name="train", data_prefix=str(tmp_path / "out"),
+                         documents=np.arange(len(rows)), data=rows, seq_length=seq, seed=1234)
+    lengths = []
+    for i in range(len(ds)):
+        item = ds[i]  # raises AssertionError where "the tokenizer for DPO has merged tokens"
+        assert not item["ignore_example"], rows[i]
+        assert (item["chosen_labels"] != -100).any() and (item["rejected_labels"] != -100).any()
+        lengths.append(max(item["chosen_length"], item["rejected_length"]))
+    # stats.json counts each accepted row once (mixing up-samples the written train file)
+    once = {json.dumps(r, sort_keys=True): n for r, n in zip(rows, lengths)}
+    st = json.load(open(tmp_path / "out" / "stats.json"))["splits"]["train"]
+    assert st["count"] == len(once) == m["counts"]["accepted"]
+    assert (st["tokens"], st["max"]) == (sum(once.values()), max(once.values()))
