@@ -14,6 +14,7 @@ from typing import Iterator, Optional, Tuple
 
 from nemo_ft.data.errors import PrepError
 from nemo_ft.data.normalize import clean_text, dedup_text
+from nemo_ft.data.tokenize import CHAT_SYSTEM, CHAT_TOKENS
 
 # Every reason a row can be rejected for, in the order a row meets the checks.
 REASONS = (
@@ -247,7 +248,8 @@ def kind_of(fmt: str) -> str:
 # NeMo's chat markup (GPTSFTChatDataset's default special tokens), as NeMo-Aligner's DPO guide
 # writes prompts for models SFT-trained on it: prompt up to "<extra_id_1>Assistant\n", each response
 # followed by "\n<extra_id_1>".
-NEMO_SYSTEM, NEMO_TURN, NEMO_END = "<extra_id_0>System\n", "<extra_id_1>", "\n"
+NEMO_SYSTEM = CHAT_TOKENS["system_turn_start"] + CHAT_SYSTEM + CHAT_TOKENS["end_of_name"]
+NEMO_TURN, NEMO_NAME_END, NEMO_END = CHAT_TOKENS["turn_start"], CHAT_TOKENS["end_of_name"], CHAT_TOKENS["end_of_turn"]
 DPO_PROMPT_FORMATS = ("plain", "nemo_chat")
 
 
@@ -255,8 +257,8 @@ def render_nemo_chat_prompt(system: str, turns) -> str:
     """The text GPTSFTChatDataset builds for these turns, then the Assistant's header."""
     text = NEMO_SYSTEM + system + NEMO_END
     for role, value in turns:
-        text += f"{NEMO_TURN}{role}\n{value}{NEMO_END}"
-    return text + f"{NEMO_TURN}Assistant\n"
+        text += NEMO_TURN + role + NEMO_NAME_END + value + NEMO_END
+    return text + NEMO_TURN + "Assistant" + NEMO_NAME_END
 
 
 def _dpo_row(ex: dict, prompt_format: str) -> dict:
