@@ -27,8 +27,8 @@ demo: install
 test: install
 	$(VPY) -m pytest -q -ra
 
-test-fast: install
-	$(VPY) -m pytest -q -ra -m "not e2e"
+test-fast: install  # tests/pure only: seconds, no NeMo
+	$(VPY) -m pytest -q -ra -m pure
 
 clean:
 	rm -rf runs/demo

@@ -1,4 +1,10 @@
-"""Shared fixtures: run stages the way users do (a subprocess, torchrun for several ranks)."""
+"""Shared test helpers: run stages the way users do (a subprocess, torchrun for several ranks), run
+prep in-process, read what stages wrote. Test files import these from here, never from each other.
+
+Tests are laid out by what they need, and marked by their folder:
+  pure/  seconds, no NeMo (`make test-fast`)    nemo/   imports NeMo or runs a stage's checks, CPU
+  e2e/   trains the tiny model through NeMo     slurm/  real sbatch jobs (.ci/slurm_up.sh)
+"""
 import json
 import os
 import subprocess
@@ -9,6 +15,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
+TOKENIZER = str(REPO / "data" / "tiny" / "tokenizer.model")
+ALL_TRAIN = {"train": 1.0, "validation": 0.0, "test": 0.0}
+FOLDER_MARKS = ("pure", "nemo", "e2e", "slurm", "serve")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        folder = Path(str(item.fspath)).relative_to(REPO / "tests").parts[0]
+        if folder in FOLDER_MARKS:
+            item.add_marker(getattr(pytest.mark, folder))
 
 
 def stage_env() -> dict:
@@ -62,3 +78,25 @@ def sft_tp2(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("sft_tp2")
     run_stage("sft", f"run.dir={run_dir}", "parallel=cpu_tp2", *SFT_FAST, nproc=2)
     return run_dir
+
+
+def prep(tmp_path, inputs, **over):
+    """nemo-ft prep in-process on the tiny tokenizer: all rows to train, seq_length 64, one worker."""
+    from nemo_ft.data.config import PrepConfig
+    from nemo_ft.data.pipeline import run_prep
+
+    c = {"inputs": [str(i) if not isinstance(i, dict) else i for i in inputs], "out_dir": str(tmp_path / "out"),
+         "tokenizer": {"library": "sentencepiece", "model": TOKENIZER}, "seq_length": 64,
+         "split": dict(ALL_TRAIN), "progress": False, "workers": 1}
+    c.update(over)
+    return run_prep(PrepConfig.from_dict(c), resolved_config=c)
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def outputs_by_path(manifest: dict) -> dict:
+    """A manifest's output records keyed by their (run-dir relative) path."""
+    return {r["path"]: r for r in manifest["outputs"]}

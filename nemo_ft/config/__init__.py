@@ -1,15 +1,11 @@
-"""Config helpers shared by every stage: OmegaConf resolvers and readable config errors."""
+"""Config helpers shared by every stage: OmegaConf resolvers (registered on import) and ConfigError.
+
+Only the stages and the config checks import this package; the pure core raises
+nemo_ft.errors.ConfigError directly (the same class) and never registers resolvers."""
 from omegaconf import OmegaConf
 
+from nemo_ft.errors import ConfigError  # noqa: F401  (the one ConfigError; re-exported for stages)
 from nemo_ft.paths import REPO_ROOT
-
-
-class ConfigError(ValueError):
-    """A bad config value: `key` names it, the message says what was expected and how to fix it."""
-
-    def __init__(self, key: str, message: str):
-        self.key = key
-        super().__init__(f"{key}: {message}")
 
 
 def _repo_path(rel: str) -> str:

@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import tarfile
 from pathlib import Path
 from typing import Iterable
 
-import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_ft.config import ConfigError
-
-PEFT_SCHEMES = ("lora", "qlora", "ia3", "adapter", "ptuning", "selective", "none")
-LORA_TARGETS = ("attention_qkv", "attention_dense", "mlp_fc1", "mlp_fc2", "attention", "mlp", "all")
+from nemo_ft import artifacts
+from nemo_ft.errors import ConfigError, InputError
+from nemo_ft.nemo_archive import NemoArchive
+from nemo_ft.peft import FAST_GATED, lora_targets, schemes_of
 # Keys of a model profile (conf/model/*.yaml) that describe the architecture of the checkpoint.
 ARCH_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
              "kv_channels", "normalization", "activation", "position_embedding_type", "bias",
@@ -33,18 +31,6 @@ def _int(cfg, key, default=None):
 
 def world_size(cfg) -> int:
     return int(OmegaConf.select(cfg, "trainer.devices", default=1)) * int(OmegaConf.select(cfg, "trainer.num_nodes", default=1))
-
-
-def read_nemo_config(path: str | Path) -> dict:
-    """model_config.yaml of a .nemo (a tar, maybe gzipped) or of an unpacked .nemo directory."""
-    path = Path(path)
-    if path.is_dir():
-        return yaml.safe_load((path / "model_config.yaml").read_text())
-    with tarfile.open(path, "r:*") as tar:
-        for member in tar.getmembers():
-            if Path(member.name).name == "model_config.yaml":
-                return yaml.safe_load(tar.extractfile(member).read())
-    raise ConfigError("model.restore_from_path", f"{path} is not a .nemo: it has no model_config.yaml")
 
 
 def _files(value) -> list[str]:
@@ -99,10 +85,11 @@ def check_parallel(cfg) -> Iterable[ConfigError]:
 
 def check_peft(cfg) -> Iterable[ConfigError]:
     scheme = str(OmegaConf.select(cfg, "model.peft.peft_scheme", default="none"))
-    schemes = [s.strip() for s in scheme.split(",")]
-    for s in schemes:
-        if s not in PEFT_SCHEMES:
-            yield ConfigError("model.peft.peft_scheme", f"unknown scheme {s!r}; expected one of {', '.join(PEFT_SCHEMES)}")
+    try:
+        schemes = schemes_of(scheme)
+    except ConfigError as err:
+        yield err
+        return
     optim = OmegaConf.select(cfg, "model.optim.name", default=None)
     if scheme != "none" and optim in ("distributed_fused_adam", "mcore_distributed_optim"):
         yield ConfigError("model.optim.name",
@@ -116,17 +103,16 @@ def check_peft(cfg) -> Iterable[ConfigError]:
         dim = _int(cfg, "model.peft.lora_tuning.adapter_dim", 0)
         if dim < 1:
             yield ConfigError("model.peft.lora_tuning.adapter_dim", f"must be a positive rank, got {dim}")
-        targets = OmegaConf.select(cfg, "model.peft.lora_tuning.target_modules", default=None) or []
-        bad = [t for t in targets if t not in LORA_TARGETS]
-        if bad or not targets:
-            yield ConfigError("model.peft.lora_tuning.target_modules",
-                              f"{bad or 'empty'} not valid; expected some of {', '.join(LORA_TARGETS)}")
-        if "mlp_fc1" in targets or "mlp" in targets or "all" in targets:
-            act = OmegaConf.select(cfg, "model.activation", default=None)
-            if act in ("swiglu", "geglu", "reglu"):
-                yield ConfigError("model.activation",
-                                  f"LoRA on mlp_fc1 with activation={act} crashes in NeMo (it doubles the fc1 "
-                                  f"adapter width only for fast-* activations); use fast-{act}")
+        try:
+            targets = lora_targets(OmegaConf.select(cfg, "model.peft.lora_tuning.target_modules", default=None))
+        except ConfigError as err:
+            yield err
+            return
+        act = OmegaConf.select(cfg, "model.activation", default=None)
+        if "mlp_fc1" in targets and act in ("swiglu", "geglu", "reglu"):
+            yield ConfigError("model.activation",
+                              f"LoRA on mlp_fc1 with activation={act} crashes in NeMo (it doubles the fc1 "
+                              f"adapter width only for {', '.join(FAST_GATED)}); use fast-{act}")
 
 
 def _have_nvidia_apex() -> bool:
@@ -187,88 +173,82 @@ def check_data(cfg) -> Iterable[ConfigError]:
                           f"{seq} exceeds the model's max_position_embeddings={max_pos}")
 
 
-def nemo_tokenizer_sha256(path: str | Path) -> str | None:
-    """sha256 of the tokenizer model file packed inside a .nemo (None if it has none)."""
-    import hashlib
-
-    conf = read_nemo_config(path)
-    ref = str((conf.get("tokenizer") or {}).get("model") or "")
-    name = ref.split(":", 1)[-1].rsplit("/", 1)[-1]
-    if not name:
-        return None
-    path = Path(path)
-    if path.is_dir():
-        return hashlib.sha256((path / name).read_bytes()).hexdigest() if (path / name).exists() else None
-    with tarfile.open(path, "r:*") as tar:
-        for member in tar.getmembers():
-            if Path(member.name).name == name:
-                return hashlib.sha256(tar.extractfile(member).read()).hexdigest()
-    return None
-
-
-def check_prep_provenance(cfg) -> Iterable[ConfigError]:
-    """Data written by `nemo-ft prep` carries a manifest: its tokenizer and template must match SFT's."""
-    import json
-
+def check_prep_provenance(cfg) -> Iterable[ConfigError | InputError]:
+    """Data written by `nemo-ft prep` carries its run's manifest: the file must be the one prep wrote,
+    and prep's task, template, lengths and tokenizer must match what SFT will use."""
     if OmegaConf.is_missing(cfg, "model.data.train_ds.file_names"):
         return
+    key = "model.data.train_ds.file_names"
     seen = set()
-    for f in _files(OmegaConf.select(cfg, "model.data.train_ds.file_names", default=None)):
-        manifest = Path(f).parent / "manifest.json"
-        if manifest in seen or not manifest.exists():
+    for f in _files(OmegaConf.select(cfg, key, default=None)):
+        if not Path(f).exists():
             continue
-        seen.add(manifest)
         try:
-            m = json.loads(manifest.read_text())
-        except (OSError, ValueError):
+            m = artifacts.manifest_next_to(f)
+            if m is None or m.path in seen:
+                continue
+            seen.add(m.path)
+            if m.stage != "prep":
+                continue
+            m.verify(m.record_for(f))
+        except InputError as err:
+            yield err
             continue
-        if m.get("stage") != "prep":
-            continue
-        task, chat = m.get("task", "sft"), bool(OmegaConf.select(cfg, "model.data.chat", default=False))
+        task, chat = m.summary.get("task", "sft"), bool(OmegaConf.select(cfg, "model.data.chat", default=False))
         if task == "dpo":
-            yield ConfigError("model.data.train_ds.file_names",
-                              f"{f} is preference (DPO) data ({manifest}); SFT needs prep task=sft or task=chat")
+            yield ConfigError(key, f"{f} is preference (DPO) data ({m.path}); SFT needs prep task=sft or task=chat")
             continue
         if (task == "chat") != chat:
             yield ConfigError("model.data.chat",
-                              f"{f} was prepared with task={task} ({manifest}) but model.data.chat={chat}; "
+                              f"{f} was prepared with task={task} ({m.path}) but model.data.chat={chat}; "
                               + ("use data=chat (model.data.chat=true)" if task == "chat" else
                                  "set model.data.chat=false or re-run prep with task=chat"))
             continue
-        stats = manifest.parent / "stats.json"
-        longest = None
-        if stats.exists():
-            try:
-                longest = json.loads(stats.read_text())["splits"]["train"]["max"]
-            except (ValueError, KeyError, TypeError):
-                longest = None
+        longest = _prep_longest(m)
         max_len = OmegaConf.select(cfg, "model.data.train_ds.max_seq_length", default=None)
         if longest is not None and max_len is not None and int(longest) > int(max_len):
             yield ConfigError("model.data.train_ds.max_seq_length",
-                              f"{f} has examples of up to {longest} tokens ({stats}) but max_seq_length={max_len}: "
-                              f"NeMo would cut them silently; re-run prep with seq_length={max_len} or raise it")
-        template = m.get("template") or {}
+                              f"{f} has examples of up to {longest} tokens ({m.dir / 'stats.json'}) but "
+                              f"max_seq_length={max_len}: NeMo would cut them silently; re-run prep with "
+                              f"seq_length={max_len} or raise it")
+        template = m.summary.get("template") or {}
         ds = "model.data.train_ds"
-        for key in ("prompt_template", "label_key", "add_eos", "add_bos") if task == "sft" else ():
-            want, have = template.get(key), OmegaConf.select(cfg, f"{ds}.{key}", default=None)
+        for k in ("prompt_template", "label_key", "add_eos", "add_bos") if task == "sft" else ():
+            want, have = template.get(k), OmegaConf.select(cfg, f"{ds}.{k}", default=None)
             if want is not None and have is not None and want != have:
-                yield ConfigError(f"{ds}.{key}", f"{f} was prepared with {key}={want!r} ({manifest}) but sft uses "
-                                                 f"{have!r}; set {ds}.{key}={want!r} or re-run prep")
-        prep_tok = (m.get("tokenizer") or {}).get("sha256")
+                yield ConfigError(f"{ds}.{k}", f"{f} was prepared with {k}={want!r} ({m.path}) but sft uses "
+                                               f"{have!r}; set {ds}.{k}={want!r} or re-run prep")
+        tokenizer = m.summary.get("tokenizer") or {}
         base = OmegaConf.select(cfg, "model.restore_from_path", default=None)
-        if prep_tok and base and Path(base).exists():
+        if tokenizer.get("sha256") and base and Path(base).exists():
             try:
-                base_tok = nemo_tokenizer_sha256(base)
-            except (tarfile.TarError, OSError, ConfigError):
-                base_tok = None
-            if base_tok and base_tok != prep_tok:
+                with NemoArchive(base) as archive:
+                    base_tok = archive.tokenizer_sha256()
+            except InputError:
+                base_tok = None  # check_restore reports an unreadable base
+            if base_tok and base_tok != tokenizer["sha256"]:
                 yield ConfigError(f"{ds}.file_names",
-                                  f"{f} was tokenized by prep with {m['tokenizer'].get('model')} (sha256 "
-                                  f"{prep_tok[:12]}), but {Path(base).name} carries another tokenizer (sha256 "
-                                  f"{base_tok[:12]}); re-run prep with tokenizer.model set to the base's tokenizer")
+                                  f"{f} was tokenized by prep with {tokenizer.get('model')} (sha256 "
+                                  f"{tokenizer['sha256'][:12]}), but {Path(base).name} carries another tokenizer "
+                                  f"(sha256 {base_tok[:12]}); re-run prep with tokenizer.model set to the base's "
+                                  "tokenizer")
 
 
-def check_restore(cfg) -> Iterable[ConfigError]:
+def _prep_longest(m) -> int | None:
+    """The longest train example prep wrote, from its stats.json (if that is listed and intact)."""
+    import json
+
+    record = m.records("stats")
+    if not record:
+        return None
+    try:
+        m.verify(record[0])
+        return json.loads(m.output("stats", verify=False).read_text())["splits"]["train"]["max"]
+    except (InputError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_restore(cfg) -> Iterable[ConfigError | InputError]:
     key = "model.restore_from_path"
     if OmegaConf.is_missing(cfg, key) or not OmegaConf.select(cfg, key):
         yield ConfigError(key, "is required: the base model .nemo to fine-tune")
@@ -278,11 +258,9 @@ def check_restore(cfg) -> Iterable[ConfigError]:
         yield ConfigError(key, f"file not found: {path}")
         return
     try:
-        base = read_nemo_config(path)
-    except (tarfile.TarError, OSError, yaml.YAMLError) as err:
-        yield ConfigError(key, f"{path} could not be read as a .nemo: {err}")
-        return
-    except ConfigError as err:
+        with NemoArchive(path, key=key) as archive:
+            base, layout = archive.config(), archive.layout()
+    except InputError as err:
         yield err
         return
     if OmegaConf.select(cfg, "run.check_arch", default=True):
@@ -300,24 +278,13 @@ def check_restore(cfg) -> Iterable[ConfigError]:
                           "whose weights only load with TE installed (NGC container); run there")
     # NeMo's mcore .nemo checkpoints (a model_weights/ directory) reshard on load; the legacy per-rank
     # layout (mp_rank_XX/model_weights.ckpt) only restores at the TP/PP it was saved with.
-    saved_tp = int(base.get("tensor_model_parallel_size", 1) or 1)
-    saved_pp = int(base.get("pipeline_model_parallel_size", 1) or 1)
     tp = _int(cfg, "model.tensor_model_parallel_size", 1)
     pp = _int(cfg, "model.pipeline_model_parallel_size", 1)
-    if (saved_tp, saved_pp) != (tp, pp) and _is_legacy_sharded(path):
+    if layout.kind != "distributed" and (layout.tp, layout.pp) != (tp, pp):
         yield ConfigError("model.tensor_model_parallel_size",
-                          f"{path.name} holds legacy per-rank weights saved at TP={saved_tp} PP={saved_pp}, which "
+                          f"{path.name} holds legacy per-rank weights saved at TP={layout.tp} PP={layout.pp}, which "
                           f"NeMo cannot load at TP={tp} PP={pp}; reshard it first "
-                          f"(`nemo-ft export` writes TP=1) or request TP={saved_tp} PP={saved_pp}")
-
-
-def _is_legacy_sharded(path: Path) -> bool:
-    if path.is_dir():
-        names = [p.name for p in path.iterdir()]
-    else:
-        with tarfile.open(path, "r:*") as tar:
-            names = [Path(m).parts[-2] if len(Path(m).parts) > 1 else m for m in tar.getnames()]
-    return any(n.startswith("mp_rank_") or n.startswith("tp_rank_") for n in names)
+                          f"(`nemo-ft export` writes TP=1) or request TP={layout.tp} PP={layout.pp}")
 
 
 def fill_defaults(cfg: DictConfig) -> list[str]:
@@ -337,15 +304,12 @@ def fill_defaults(cfg: DictConfig) -> list[str]:
     return notes
 
 
-def validate_sft(cfg: DictConfig) -> list[ConfigError]:
-    errors: list[ConfigError] = []
-    for check in (check_restore, check_parallel, check_peft, check_stack, check_data, check_prep_provenance):
+def validate_sft(cfg: DictConfig, skip=frozenset()) -> list[ConfigError | InputError]:
+    """Every SFT check; `skip` = keys whose .nemo already failed its safety check (not read again)."""
+    errors: list = []
+    checks = [check_parallel, check_peft, check_stack, check_data, check_prep_provenance]
+    if "model.restore_from_path" not in skip:
+        checks.insert(0, check_restore)
+    for check in checks:
         errors.extend(check(cfg))
     return errors
-
-
-def format_errors(stage: str, errors: list[ConfigError]) -> str:
-    lines = [f"nemo-ft {stage}: {len(errors)} config error{'s' if len(errors) > 1 else ''}, nothing was started:"]
-    lines += [f"  - {e}" for e in errors]
-    return "\n".join(lines)
-

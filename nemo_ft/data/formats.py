@@ -12,16 +12,9 @@ import gzip
 import json
 from typing import Iterator, Optional, Tuple
 
-from nemo_ft.data.errors import PrepError
+from nemo_ft.data.errors import REASONS, PrepError, RowReject  # noqa: F401  (REASONS re-exported)
 from nemo_ft.data.normalize import clean_text, dedup_text
 from nemo_ft.data.tokenize import CHAT_SYSTEM, CHAT_TOKENS
-
-# Every reason a row can be rejected for, in the order a row meets the checks.
-REASONS = (
-    "blank_line", "invalid_utf8", "invalid_json", "not_object", "missing_key", "empty_value",
-    "wrong_type", "bad_conversation", "dpo_prompt_mismatch", "chosen_equals_rejected", "duplicate", "near_duplicate",
-    "too_long", "chat_header_not_token_prefix", "dpo_prompt_not_token_prefix", "dpo_over_length",
-)
 
 # format name -> (kind, required keys, optional keys). Order matters for detection: the most
 # specific key sets first ({prompt, chosen_response} before {prompt, completion}, etc.).
@@ -49,13 +42,6 @@ ROLE_ALIASES = {
 }
 
 TASK_KINDS = {"sft": ("sft", "chat"), "chat": ("sft", "chat"), "dpo": ("pref",)}
-
-
-class RowReject(Exception):
-    def __init__(self, reason: str, detail: str = ""):
-        assert reason in REASONS, reason
-        self.reason, self.detail = reason, detail
-        super().__init__(f"{reason}: {detail}")
 
 
 def read_lines(path: str) -> Iterator[Tuple[int, bytes]]:

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from nemo_ft.config import ConfigError
+from nemo_ft.errors import ConfigError
 
 
 def plan_counts(available: List[int], weights: List[float], total: Optional[int]) -> List[int]:

@@ -9,6 +9,9 @@ does grow with the row count is kept small: ~100 bytes a row for the dedup index
 offsets, while token ids go to a spill file and packs are streamed into the .npy. Then a short
 second pass over train applies the mixing weights, packing runs on the kept token ids, and
 manifest.json is written last: a directory with a manifest is a complete one.
+
+`run_prep` reads as its sections: open the outputs, detect formats, stream the rows, account
+for every line, mix, pack, stats + plot, manifest.
 """
 import itertools
 import json
@@ -18,150 +21,46 @@ import time
 from array import array
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import numpy as np
 
-from nemo_ft.config import ConfigError
+from nemo_ft import artifacts
+from nemo_ft.artifacts import atomic_write, temp_path, write_json
 from nemo_ft.data import formats, mix, pack as packing, stats
+from nemo_ft.data.config import InputSpec, PrepConfig
 from nemo_ft.data.dedup import Deduper, band_keys, decode_where, encode_where, lsh_params, signatures
-from nemo_ft.data.errors import PrepError
-from nemo_ft.data.formats import REASONS, RowReject
-from nemo_ft.data.manifest import atomic_write, sha256_file, temp_path, versions, write_json
-from nemo_ft.data.pack import save_object_npy
+from nemo_ft.data.errors import REASONS, PrepError, RowReject
 from nemo_ft.data.normalize import dedup_text, example_key
-from nemo_ft.data.split import SPLITS, assign_split, check_ratios
+from nemo_ft.data.pack import save_object_npy
+from nemo_ft.data.split import SPLITS, assign_split
 from nemo_ft.data.tokenize import Template, Tokenizer, check_template, encode_chat, fit_dpo, fit_sft
 
-TASKS = ("sft", "chat", "dpo")
-PREFIX_MISMATCH = ("fix", "reject")
 DETECT_LINES = 1000  # how far into a file we look for the first row that reveals its format
 
 
-@dataclass
-class InputSpec:
-    path: str
-    weight: float = 1.0
-    format: str = "auto"
-    split: Optional[str] = None  # force every row of this input into one split
+class Kept(NamedTuple):
+    """A row that passed every per-row check (dedup is decided later, in file order)."""
+    lineno: int
+    line: str        # the output JSON line
+    key: str         # dedup/split key of the normalized example
+    start: int       # answer start in its token ids (packing's loss mask)
+    ntok: int
+    truncated: bool
+    fixed: bool      # a DPO response was given a leading space
 
 
-@dataclass
-class PrepConfig:
-    inputs: List[InputSpec]
-    out_dir: str
-    task: str = "sft"
-    tokenizer_library: str = "sentencepiece"
-    tokenizer_model: str = ""
-    template: Template = field(default_factory=Template)
-    seq_length: int = 2048
-    over_length: str = "truncate"
-    dedup_exact: bool = True
-    dedup_near: bool = True
-    near_threshold: float = 0.85
-    num_perm: int = 64
-    shingle_size: int = 3
-    split: Dict[str, float] = field(default_factory=lambda: {"train": 0.9, "validation": 0.05, "test": 0.05})
-    split_seed: int = 1234
-    mix_total: Optional[int] = None
-    mix_seed: int = 1234
-    pack: bool = False
-    pack_splits: List[str] = field(default_factory=lambda: ["train"])
-    seed: int = 0
-    workers: int = 0
-    chunk_size: int = 1000
-    progress: bool = True
-    dpo_prefix_mismatch: str = "fix"
-    dpo_append_eod: bool = False
-    dpo_prompt_format: str = "plain"
+class Rejected(NamedTuple):
+    lineno: int
+    reason: str
+    detail: str
 
-    @classmethod
-    def from_dict(cls, c: dict) -> "PrepConfig":
-        """Validate the resolved Hydra config; every failure names its key."""
-        raw_inputs = list(c.get("inputs") or [])
-        if c.get("input"):
-            raw_inputs = [c["input"]] + raw_inputs
-        if not raw_inputs:
-            raise ConfigError("input", "no input given: pass input=FILE.jsonl or inputs=[{path: FILE, weight: 1}]")
-        inputs = []
-        for i, item in enumerate(raw_inputs):
-            if isinstance(item, str):
-                item = {"path": item}
-            if not isinstance(item, dict) or "path" not in item:
-                raise ConfigError(f"inputs[{i}]", f"expected a path or {{path: ..., weight: ...}}, got {item!r}")
-            unknown = set(item) - {"path", "weight", "format", "split"}
-            if unknown:
-                raise ConfigError(f"inputs[{i}]", f"unknown keys {sorted(unknown)}; allowed: path, weight, format, split")
-            spec = InputSpec(path=str(item["path"]), weight=float(item.get("weight", 1.0)),
-                             format=item.get("format") or c.get("format") or "auto", split=item.get("split"))
-            if not os.path.isfile(spec.path):
-                raise ConfigError(f"inputs[{i}].path", f"no such file: {spec.path}")
-            if spec.format != "auto" and spec.format not in formats.FORMATS:
-                raise ConfigError(f"inputs[{i}].format", f"unknown format {spec.format!r}; expected auto or one of {list(formats.FORMATS)}")
-            if spec.split is not None and spec.split not in SPLITS:
-                raise ConfigError(f"inputs[{i}].split", f"expected one of {SPLITS}, got {spec.split!r}")
-            if spec.weight < 0:
-                raise ConfigError(f"inputs[{i}].weight", f"must be >= 0, got {spec.weight}")
-            inputs.append(spec)
-        task = c.get("task", "sft")
-        if task not in TASKS:
-            raise ConfigError("task", f"expected one of {TASKS}, got {task!r}")
-        tcfg = dict(c.get("template") or {})
-        try:
-            template = Template(**tcfg)
-        except TypeError as err:
-            raise ConfigError("template", f"{err}; allowed: {list(Template.__dataclass_fields__)}") from None
-        if task == "sft":
-            template.check_keys()
-        seq_length = c.get("seq_length", 2048)
-        if not isinstance(seq_length, int) or seq_length < 2:
-            raise ConfigError("seq_length", f"expected an integer >= 2, got {seq_length!r}")
-        over = c.get("over_length", "truncate")
-        if over not in ("truncate", "reject"):
-            raise ConfigError("over_length", f"expected truncate or reject, got {over!r}")
-        if c.get("pack") and task == "dpo":
-            raise ConfigError("pack", "prep packs NeMo's SFT format (GPTSFTPackedDataset): pack needs task=sft or "
-                                      "task=chat; for packed DPO run NeMo-Aligner's prepare_packed_dpo_dataset.py "
-                                      "on prep's DPO output (its packs hold chosen+rejected pairs)")
-        dpo = dict(c.get("dpo") or {})
-        unknown = set(dpo) - {"prefix_mismatch", "append_eod", "prompt_format"}
-        if unknown:
-            raise ConfigError("dpo", f"unknown keys {sorted(unknown)}; allowed: prefix_mismatch, append_eod, "
-                                     "prompt_format")
-        prompt_format = dpo.get("prompt_format", "plain")
-        if prompt_format not in formats.DPO_PROMPT_FORMATS:
-            raise ConfigError("dpo.prompt_format", f"expected one of {formats.DPO_PROMPT_FORMATS}, got {prompt_format!r}")
-        prefix_mismatch = dpo.get("prefix_mismatch", "fix")
-        if prefix_mismatch not in PREFIX_MISMATCH:
-            raise ConfigError("dpo.prefix_mismatch", f"expected fix or reject, got {prefix_mismatch!r}")
-        dedup = dict(c.get("dedup") or {})
-        split = dict(c.get("split") or {})
-        split_seed = split.pop("seed", 1234)
-        pk = dict(c.get("pack_options") or {})
-        pack_splits = list(pk.get("splits", ["train"]))
-        for s in pack_splits:
-            if s not in SPLITS:
-                raise ConfigError("pack_options.splits", f"unknown split {s!r}")
-        tok = dict(c.get("tokenizer") or {})
-        m = dict(c.get("mix") or {})
-        threshold = float(dedup.get("near_threshold", 0.85))
-        if not 0 < threshold <= 1:
-            raise ConfigError("dedup.near_threshold", f"must be in (0, 1], got {threshold}")
-        return cls(
-            inputs=inputs, out_dir=str(c.get("out_dir") or "runs/prep"), task=task,
-            tokenizer_library=tok.get("library", "sentencepiece"), tokenizer_model=str(tok.get("model") or ""),
-            template=template, seq_length=seq_length, over_length=over,
-            dedup_exact=bool(dedup.get("exact", True)), dedup_near=bool(dedup.get("near", True)),
-            near_threshold=threshold, num_perm=int(dedup.get("num_perm", 64)),
-            shingle_size=int(dedup.get("shingle_size", 3)),
-            split=check_ratios(split) if split else check_ratios({"train": 0.9, "validation": 0.05, "test": 0.05}),
-            split_seed=int(split_seed), mix_total=m.get("total"), mix_seed=int(m.get("seed", 1234)),
-            pack=bool(c.get("pack", False)), pack_splits=pack_splits, seed=int(c.get("seed", 0)),
-            workers=int(c.get("workers", 0)), chunk_size=int(c.get("chunk_size", 1000)),
-            progress=bool(c.get("progress", True)),
-            dpo_prefix_mismatch=prefix_mismatch, dpo_append_eod=bool(dpo.get("append_eod", False)),
-            dpo_prompt_format=prompt_format,
-        )
+
+class ChunkResult(NamedTuple):
+    rows: list               # Kept | Rejected, in line order
+    bands: Optional[list]    # LSH band keys of the Kept rows (near dedup on)
+    ids: Optional[np.ndarray]    # token ids of the Kept rows, concatenated (pack on)
+    masks: Optional[np.ndarray]  # their chat loss masks, concatenated (pack on, task=chat)
 
 
 # ---------------------------------------------------------------- worker side (one per core)
@@ -178,9 +77,7 @@ def _init_worker(cfg: PrepConfig) -> None:
 def _process_chunk(chunk, fmt: str):
     """Everything that needs no global state: parse → canonical → template/tokens → MinHash.
 
-    Returns (rows, band keys of the accepted rows or None, their token ids concatenated or None,
-    their per-token chat loss masks concatenated or None):
-    numpy arrays per chunk instead of Python objects per row, which are slow to pickle and big.
+    Per chunk, numpy arrays instead of Python objects per row, which are slow to pickle and big.
     """
     cfg: PrepConfig = _W["cfg"]
     tok: Tokenizer = _W["tok"]
@@ -218,9 +115,9 @@ def _process_chunk(chunk, fmt: str):
                 if cfg.task == "chat":
                     mask_parts.append(chat_mask)
             line = json.dumps(row, ensure_ascii=False)
-            out.append((lineno, None, line, example_key(norm, normalized=True), start, ntok, truncated, fixed))
+            out.append(Kept(lineno, line, example_key(norm, normalized=True), start, ntok, truncated, fixed))
         except RowReject as rej:
-            out.append((lineno, rej.reason, rej.detail))
+            out.append(Rejected(lineno, rej.reason, rej.detail))
     bands = None
     if cfg.dedup_near:
         b, r = _W["lsh"]
@@ -228,7 +125,7 @@ def _process_chunk(chunk, fmt: str):
     ids = np.fromiter(itertools.chain.from_iterable(id_parts), dtype=np.int32) if cfg.pack else None
     masks = (np.fromiter(itertools.chain.from_iterable(mask_parts), dtype=np.uint8)
              if cfg.pack and cfg.task == "chat" else None)
-    return out, bands, ids, masks
+    return ChunkResult(out, bands, ids, masks)
 
 
 # ---------------------------------------------------------------- main process
@@ -298,34 +195,206 @@ def _workers(cfg: PrepConfig) -> int:
     return 1 if total < (1 << 20) else n
 
 
+@dataclass
+class _Outputs:
+    """The split files, rejects.jsonl and the token stores, all at temp paths until renamed."""
+    final: Dict[str, str]
+    rejects: str
+    tmp: Dict[str, str]
+    tmp_rejects: str
+    tmp_train_raw: str  # train before mixing
+    handles: dict
+    rej_f: object
+    stores: dict
+
+    def created(self) -> List[str]:
+        return list(self.tmp.values()) + [self.tmp_rejects, self.tmp_train_raw]
+
+    def close(self) -> None:
+        for h in list(self.handles.values()) + [self.rej_f]:
+            if not h.closed:
+                h.close()
+
+
+def _open_outputs(cfg: PrepConfig) -> _Outputs:
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    final = {s: os.path.join(cfg.out_dir, f"{s}.jsonl") for s in SPLITS}
+    rejects = os.path.join(cfg.out_dir, "rejects.jsonl")
+    tmp = {s: temp_path(p) for s, p in final.items()}
+    tmp_train_raw = tmp["train"] + ".raw"
+    handles = {s: open(tmp[s] if s != "train" else tmp_train_raw, "w", encoding="utf-8") for s in SPLITS}
+    # Token ids of packed splits are spilled to a file: a few bytes a row stay in RAM.
+    stores = {s: packing.SpillTokenStore(temp_path(os.path.join(cfg.out_dir, f"{s}.tokens")))
+              for s in cfg.pack_splits} if cfg.pack else {}
+    return _Outputs(final, rejects, tmp, temp_path(rejects), tmp_train_raw, handles,
+                    open(temp_path(rejects), "w", encoding="utf-8"), stores)
+
+
+@dataclass
+class _FileCounts:
+    lines: int = 0
+    accepted: int = 0
+    truncated: int = 0
+    dpo_prefix_fixed: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    splits: Counter = field(default_factory=Counter)
+
+
+@dataclass
+class _Streamed:
+    """What the streaming pass leaves: per-file counts, per-split lengths, train rows' sources."""
+    per_file: List[_FileCounts]
+    lengths: Dict[str, array]
+    train_source: array  # source index of each train row, in file order (for mixing)
+
+
+def _stream_rows(cfg: PrepConfig, fmts: List[str], out: _Outputs, pool, nworkers: int, bar) -> _Streamed:
+    """Every line of every input is written to one split or to rejects.jsonl, in file order."""
+    dedup = Deduper(cfg.dedup_exact, cfg.dedup_near, cfg.near_threshold, cfg.num_perm)
+    per_file = [_FileCounts() for _ in cfg.inputs]
+    lengths = {s: array("i") for s in SPLITS}
+    train_source = array("i")
+    for fi, (spec, fmt) in enumerate(zip(cfg.inputs, fmts)):
+        pf = per_file[fi]
+        for chunk, res in _results(pool, _chunks(spec.path, cfg.chunk_size), fmt, 2 * nworkers + 2):
+            raw_of = dict(chunk)
+            dedup.start_chunk([r.key for r in res.rows if isinstance(r, Kept)], res.bands)
+            i_ok, tok_at = -1, 0
+            for r in res.rows:
+                pf.lines += 1
+                if isinstance(r, Kept):
+                    i_ok += 1
+                    tok_at += r.ntok if res.ids is not None else 0
+                    dup = dedup.check(i_ok, r.key, None if res.bands is None else res.bands[i_ok],
+                                      encode_where(fi, r.lineno))
+                    if dup is None:
+                        split = spec.split or assign_split(r.key, cfg.split, cfg.split_seed)
+                        out.handles[split].write(r.line + "\n")
+                        pf.accepted += 1
+                        pf.splits[split] += 1
+                        pf.truncated += int(r.truncated)
+                        pf.dpo_prefix_fixed += int(r.fixed)
+                        lengths[split].append(r.ntok)
+                        if split == "train":
+                            train_source.append(fi)
+                        if split in out.stores:
+                            out.stores[split].add(res.ids[tok_at - r.ntok:tok_at], r.start,
+                                                  None if res.masks is None else res.masks[tok_at - r.ntok:tok_at])
+                        continue
+                    first_file, first_line = decode_where(dup[1])
+                    r = Rejected(r.lineno, dup[0], f"same as {cfg.inputs[first_file].path}:{first_line}")
+                pf.rejected[r.reason] += 1
+                out.rej_f.write(json.dumps({"file": spec.path, "line": r.lineno, "reason": r.reason, "detail": r.detail,
+                                            "raw": raw_of[r.lineno].decode("utf-8", "replace")},
+                                           ensure_ascii=False) + "\n")
+            bar.update(len(res.rows))
+    return _Streamed(per_file, lengths, train_source)
+
+
+def _account(cfg: PrepConfig, st: _Streamed, out: _Outputs) -> dict:
+    """Every line read is either written once or rejected once; refuse an empty result."""
+    counts_in = sum(p.lines for p in st.per_file)
+    accepted = sum(p.accepted for p in st.per_file)
+    rejected = Counter()
+    for p in st.per_file:
+        rejected.update(p.rejected)
+        assert p.lines == p.accepted + sum(p.rejected.values())
+    assert counts_in == accepted + sum(rejected.values())
+    split_counts = {s: sum(p.splits[s] for p in st.per_file) for s in SPLITS}
+    if accepted == 0:
+        os.replace(out.tmp_rejects, out.rejects)
+        raise PrepError(f"no examples left: all {counts_in} lines were rejected "
+                        f"({dict(rejected)}); see {out.rejects}")
+    empty = [s for s in SPLITS if cfg.split[s] > 0 and split_counts[s] == 0]
+    if empty:
+        raise PrepError(f"split(s) {empty} got no examples out of {accepted}: add data or set "
+                        + " ".join(f"split.{s}=0" for s in empty) + " (and rebalance the others)", key="split")
+    return {
+        "in": counts_in,
+        "accepted": accepted,
+        "rejected_total": sum(rejected.values()),
+        "rejected": {r: rejected[r] for r in REASONS if rejected[r]},
+        "in_equals_accepted_plus_rejected": counts_in == accepted + sum(rejected.values()),
+        "truncated": sum(p.truncated for p in st.per_file),
+        "dpo_prefix_fixed": sum(p.dpo_prefix_fixed for p in st.per_file),  # responses given a leading space
+        "splits": split_counts,
+    }
+
+
+def _mix_train(cfg: PrepConfig, st: _Streamed, out: _Outputs) -> tuple:
+    """Write train.jsonl with each row repeated by its mixing multiplicity; (multiplicities, report)."""
+    src = np.asarray(st.train_source, dtype=np.int64)
+    mixing_sources = [i for i, s in enumerate(cfg.inputs) if s.split in (None, "train")]
+    available = [int((src == i).sum()) for i in range(len(cfg.inputs))]
+    mult = np.ones(len(src), dtype=np.int64)
+    report = None
+    if len(mixing_sources) > 1:
+        weights = [cfg.inputs[i].weight if i in mixing_sources else 0.0 for i in range(len(cfg.inputs))]
+        targets = mix.plan_counts(available, weights, cfg.mix_total)
+        for i in range(len(cfg.inputs)):
+            rows = np.nonzero(src == i)[0]
+            mult[rows] = mix.multiplicities(len(rows), targets[i], cfg.mix_seed, i)
+        written = [int(mult[src == i].sum()) for i in range(len(cfg.inputs))]
+        report = mix.report([s.path for s in cfg.inputs], available, written, weights)
+    with open(out.tmp_train_raw, encoding="utf-8") as fin, open(out.tmp["train"], "w", encoding="utf-8") as fout:
+        for m, line in zip(mult, fin):
+            if m:
+                fout.write(line * int(m))
+    os.remove(out.tmp_train_raw)
+    return mult, report
+
+
+def _pack(cfg: PrepConfig, out: _Outputs, mult: np.ndarray, eos_id: int) -> tuple:
+    """NeMo's packed .npy per packed split (+ the metadata file); (report, files written)."""
+    report, metas, files = {}, [], []
+    for s in cfg.pack_splits:
+        store = out.stores[s]
+        rows = np.repeat(np.arange(len(store)), mult) if s == "train" else np.arange(len(store))
+        if len(rows) == 0:
+            continue
+        t = time.time()
+        bins, meta = packing.plan_packs(store, rows, cfg.seq_length, cfg.seed)
+        name = f"packed_{cfg.seq_length}_seed{cfg.seed}.npy"
+        path = os.path.join(cfg.out_dir, name if s == "train" else f"{s}_{name}")
+        with atomic_write(path, "wb") as f:  # streamed: packs are never all in memory
+            save_object_npy(f, packing.iter_packs(store, rows, bins, eos_id), count=len(bins))
+        del bins
+        meta["seconds"] = round(time.time() - t, 3)
+        meta["split"] = s
+        report[s] = {**meta, "file": os.path.basename(path)}
+        metas.append({k: meta[k] for k in ("dataset_max_seqlen", "max_samples_per_bin", "packing_factor",
+                                           "packing_efficiency", "pack_size", "min_packed_seqlen")})
+        files.append((s, path))
+    meta_path = os.path.join(cfg.out_dir, f"packed_{cfg.seq_length}_seed{cfg.seed}_metadata.json")
+    write_json(meta_path, metas)
+    files.append(("pack_metadata", meta_path))
+    return report, files
+
+
+def _write_manifest(cfg: PrepConfig, fmts: List[str], st: _Streamed, outputs: List[tuple], summary: dict,
+                    resolved_config: Optional[dict]) -> dict:
+    inputs = [artifacts.file_record(s.path, "data", format=f, weight=s.weight, split=s.split, lines=p.lines,
+                                    accepted=p.accepted, truncated=p.truncated, dpo_prefix_fixed=p.dpo_prefix_fixed,
+                                    rejected={r: p.rejected[r] for r in REASONS if p.rejected[r]},
+                                    splits=dict(p.splits))
+              for s, f, p in zip(cfg.inputs, fmts, st.per_file)]
+    records = [artifacts.file_record(path, role, relative_to=cfg.out_dir) for role, path in outputs]
+    path = artifacts.write_manifest(cfg.out_dir, "prep", inputs=inputs, outputs=records, config=resolved_config,
+                                    summary=summary, dists=("numpy", "sentencepiece", "datasketch", "hydra-core",
+                                                            "tokenizers"))
+    return json.loads(path.read_text())
+
+
 def run_prep(cfg: PrepConfig, resolved_config: Optional[dict] = None, log=print) -> dict:
+    """The whole stage; returns the manifest it wrote (see nemo_ft.artifacts for the schema)."""
     t0 = time.time()
     tok = Tokenizer(cfg.tokenizer_library, cfg.tokenizer_model)
     check_template(tok, cfg.template)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    out = {s: os.path.join(cfg.out_dir, f"{s}.jsonl") for s in SPLITS}
-    rejects_path = os.path.join(cfg.out_dir, "rejects.jsonl")
-    tmp = {s: temp_path(p) for s, p in out.items()}
-    tmp_rejects = temp_path(rejects_path)
-    tmp_train_raw = tmp["train"] + ".raw"
-    handles = {s: open(tmp[s] if s != "train" else tmp_train_raw, "w", encoding="utf-8") for s in SPLITS}
-    rej_f = open(tmp_rejects, "w", encoding="utf-8")
-    created = list(tmp.values()) + [tmp_rejects, tmp_train_raw]
-
-    fmts = [_detect(s, cfg.task) for s in cfg.inputs]
-    nworkers = _workers(cfg)
-    dedup = Deduper(cfg.dedup_exact, cfg.dedup_near, cfg.near_threshold, cfg.num_perm)
-    per_file = [{"lines": 0, "accepted": 0, "rejected": Counter(), "truncated": 0, "dpo_prefix_fixed": 0,
-                 "splits": Counter()} for _ in cfg.inputs]
-    # Per kept row only a few bytes stay in RAM (arrays, not lists of ints); token ids are
-    # spilled to a file per packed split.
-    lengths = {s: array("i") for s in SPLITS}
-    stores = {s: packing.SpillTokenStore(temp_path(os.path.join(cfg.out_dir, f"{s}.tokens")))
-              for s in cfg.pack_splits} if cfg.pack else {}
-    train_source = array("i")  # source index of each train row, in file order (for mixing)
+    out = _open_outputs(cfg)
     pool = None
-
     try:
+        fmts = [_detect(s, cfg.task) for s in cfg.inputs]
+        nworkers = _workers(cfg)
         from tqdm import tqdm
         bar = tqdm(unit=" rows", desc="prep", disable=not cfg.progress, mininterval=0.5)
         if nworkers > 1:
@@ -333,145 +402,39 @@ def run_prep(cfg: PrepConfig, resolved_config: Optional[dict] = None, log=print)
         else:
             _init_worker(cfg)
         try:
-            for fi, (spec, fmt) in enumerate(zip(cfg.inputs, fmts)):
-                pf = per_file[fi]
-                chunks = _results(pool, _chunks(spec.path, cfg.chunk_size), fmt, 2 * nworkers + 2)
-                for chunk, (results, bands, ids_flat, masks_flat) in chunks:
-                    raw_of = dict(chunk)
-                    dedup.start_chunk([res[3] for res in results if res[1] is None], bands)
-                    i_ok, tok_at = -1, 0
-                    for res in results:
-                        lineno = res[0]
-                        pf["lines"] += 1
-                        reason = res[1]
-                        if reason is None:
-                            _, _, line, key, start, ntok, truncated, fixed = res
-                            i_ok += 1
-                            tok_at += ntok if ids_flat is not None else 0
-                            dup = dedup.check(i_ok, key, None if bands is None else bands[i_ok],
-                                              encode_where(fi, lineno))
-                            if dup is not None:
-                                reason = dup[0]
-                                first_file, first_line = decode_where(dup[1])
-                                detail = f"same as {cfg.inputs[first_file].path}:{first_line}"
-                        else:
-                            detail = res[2]
-                        if reason is not None:
-                            pf["rejected"][reason] += 1
-                            rej_f.write(json.dumps({"file": spec.path, "line": lineno, "reason": reason,
-                                                    "detail": detail,
-                                                    "raw": raw_of[lineno].decode("utf-8", "replace")},
-                                                   ensure_ascii=False) + "\n")
-                            continue
-                        split = spec.split or assign_split(key, cfg.split, cfg.split_seed)
-                        handles[split].write(line + "\n")
-                        pf["accepted"] += 1
-                        pf["splits"][split] += 1
-                        pf["truncated"] += int(truncated)
-                        pf["dpo_prefix_fixed"] += int(fixed)
-                        lengths[split].append(ntok)
-                        if split == "train":
-                            train_source.append(fi)
-                        if split in stores:
-                            stores[split].add(ids_flat[tok_at - ntok:tok_at], start,
-                                              None if masks_flat is None else masks_flat[tok_at - ntok:tok_at])
-                    bar.update(len(results))
+            st = _stream_rows(cfg, fmts, out, pool, nworkers, bar)
         except BaseException:
             if pool is not None:
                 pool.terminate()
             raise
         finally:
             bar.close()
-        for h in list(handles.values()) + [rej_f]:
-            h.close()
-        dedup = None  # its index is the biggest thing left in memory; packing needs the room
+        out.close()
         # The histogram (matplotlib: ~1 s, mostly import) is drawn by an idle worker while this
         # process mixes, packs and hashes.
         png = os.path.join(cfg.out_dir, "lengths.png")
-        lens = {s: np.asarray(v, dtype=np.int64) for s, v in lengths.items()}
-        truncated = sum(p["truncated"] for p in per_file)
-        dpo_fixed = sum(p["dpo_prefix_fixed"] for p in per_file)
-        plot_args = (png, lens, cfg.seq_length, truncated)
+        lens = {s: np.asarray(v, dtype=np.int64) for s, v in st.lengths.items()}
+        counts = _account(cfg, st, out)
+        plot_args = (png, lens, cfg.seq_length, counts["truncated"])
         plot_job = None
         if pool is not None:
             plot_job = pool.apply_async(stats.plot_lengths, plot_args)
             pool.close()
 
-        # ---- accounting: every line read is either written once or rejected once
-        counts_in = sum(p["lines"] for p in per_file)
-        accepted = sum(p["accepted"] for p in per_file)
-        rejected = Counter()
-        for p in per_file:
-            rejected.update(p["rejected"])
-            assert p["lines"] == p["accepted"] + sum(p["rejected"].values())
-        assert counts_in == accepted + sum(rejected.values())
-        split_counts = {s: sum(p["splits"][s] for p in per_file) for s in SPLITS}
-        if accepted == 0:
-            os.replace(tmp_rejects, rejects_path)
-            raise PrepError(f"no examples left: all {counts_in} lines were rejected "
-                            f"({dict(rejected)}); see {rejects_path}")
-        empty = [s for s in SPLITS if cfg.split[s] > 0 and split_counts[s] == 0]
-        if empty:
-            raise PrepError(f"split(s) {empty} got no examples out of {accepted}: add data or set "
-                            + " ".join(f"split.{s}=0" for s in empty) + " (and rebalance the others)", key="split")
-
-        # ---- mixing: multiplicity of each train row
-        src = np.asarray(train_source, dtype=np.int64)
-        mixing_sources = [i for i, s in enumerate(cfg.inputs) if s.split in (None, "train")]
-        available = [int((src == i).sum()) for i in range(len(cfg.inputs))]
-        mult = np.ones(len(src), dtype=np.int64)
-        mix_report = None
-        if len(mixing_sources) > 1:
-            weights = [cfg.inputs[i].weight if i in mixing_sources else 0.0 for i in range(len(cfg.inputs))]
-            targets = mix.plan_counts(available, weights, cfg.mix_total)
-            for i in range(len(cfg.inputs)):
-                rows = np.nonzero(src == i)[0]
-                mult[rows] = mix.multiplicities(len(rows), targets[i], cfg.mix_seed, i)
-            written = [int(mult[src == i].sum()) for i in range(len(cfg.inputs))]
-            mix_report = mix.report([s.path for s in cfg.inputs], available, written, weights)
-        with open(tmp_train_raw, encoding="utf-8") as fin, open(tmp["train"], "w", encoding="utf-8") as fout:
-            for m, line in zip(mult, fin):
-                if m:
-                    fout.write(line * int(m))
-        os.remove(tmp_train_raw)
-        train_written = int(mult.sum())
-        downsampled = int((mult == 0).sum())
-
+        mult, mix_report = _mix_train(cfg, st, out)
+        counts["train_rows_written"] = int(mult.sum())
+        counts["train_rows_downsampled"] = int((mult == 0).sum())
         for s in SPLITS:
-            os.replace(tmp[s], out[s])
-        os.replace(tmp_rejects, rejects_path)
+            os.replace(out.tmp[s], out.final[s])
+        os.replace(out.tmp_rejects, out.rejects)
 
-        # ---- packing
-        pack_report = None
-        packed_files = []
-        if cfg.pack:
-            pack_report, metas = {}, []
-            for s in cfg.pack_splits:
-                rows = np.repeat(np.arange(len(stores[s])), mult) if s == "train" else np.arange(len(stores[s]))
-                if len(rows) == 0:
-                    continue
-                t = time.time()
-                bins, meta = packing.plan_packs(stores[s], rows, cfg.seq_length, cfg.seed)
-                name = f"packed_{cfg.seq_length}_seed{cfg.seed}.npy"
-                path = os.path.join(cfg.out_dir, name if s == "train" else f"{s}_{name}")
-                with atomic_write(path, "wb") as f:  # streamed: packs are never all in memory
-                    save_object_npy(f, packing.iter_packs(stores[s], rows, bins, tok.eos_id), count=len(bins))
-                del bins
-                meta["seconds"] = round(time.time() - t, 3)
-                meta["split"] = s
-                pack_report[s] = {**meta, "file": os.path.basename(path)}
-                metas.append({k: meta[k] for k in ("dataset_max_seqlen", "max_samples_per_bin", "packing_factor",
-                                                   "packing_efficiency", "pack_size", "min_packed_seqlen")})
-                packed_files.append(path)
-            meta_path = os.path.join(cfg.out_dir, f"packed_{cfg.seq_length}_seed{cfg.seed}_metadata.json")
-            write_json(meta_path, metas)
-            packed_files.append(meta_path)
+        pack_report, packed = _pack(cfg, out, mult, tok.eos_id) if cfg.pack else (None, [])
 
-        # ---- stats + plot
-        st = {"seq_length": cfg.seq_length, "splits": {s: stats.length_stats(v, cfg.seq_length) for s, v in lens.items()},
-              "truncated": truncated, "dpo_prefix_fixed": dpo_fixed, "rejected": dict(rejected), "mix": mix_report, "pack": pack_report}
         stats_path = os.path.join(cfg.out_dir, "stats.json")
-        write_json(stats_path, st)
+        write_json(stats_path, {"seq_length": cfg.seq_length,
+                                "splits": {s: stats.length_stats(v, cfg.seq_length) for s, v in lens.items()},
+                                "truncated": counts["truncated"], "dpo_prefix_fixed": counts["dpo_prefix_fixed"],
+                                "rejected": counts["rejected"], "mix": mix_report, "pack": pack_report})
         if plot_job is None:
             stats.plot_lengths(*plot_args)
         else:
@@ -479,53 +442,27 @@ def run_prep(cfg: PrepConfig, resolved_config: Optional[dict] = None, log=print)
             pool.join()
             pool = None
 
-        # ---- manifest, last
-        outputs = [*out.values(), rejects_path, stats_path, png, *packed_files]
         elapsed = time.time() - t0
-        manifest = {
-            "stage": "prep",
+        summary = {
             "task": cfg.task,
-            "created_unix": int(time.time()),
             "seconds": round(elapsed, 3),
-            "examples_per_second": round(counts_in / elapsed, 1) if elapsed else None,
+            "examples_per_second": round(counts["in"] / elapsed, 1) if elapsed else None,
             "workers": nworkers,
-            "inputs": [{"path": os.path.abspath(s.path), "sha256": sha256_file(s.path), "bytes": os.path.getsize(s.path),
-                        "format": f, "weight": s.weight, "split": s.split, "lines": p["lines"],
-                        "accepted": p["accepted"], "truncated": p["truncated"],
-                        "dpo_prefix_fixed": p["dpo_prefix_fixed"],
-                        "rejected": {r: p["rejected"][r] for r in REASONS if p["rejected"][r]},
-                        "splits": dict(p["splits"])}
-                       for s, f, p in zip(cfg.inputs, fmts, per_file)],
-            "outputs": {os.path.basename(p): {"sha256": sha256_file(p), "bytes": os.path.getsize(p)} for p in outputs},
-            "counts": {
-                "in": counts_in,
-                "accepted": accepted,
-                "rejected_total": sum(rejected.values()),
-                "rejected": {r: rejected[r] for r in REASONS if rejected[r]},
-                "in_equals_accepted_plus_rejected": counts_in == accepted + sum(rejected.values()),
-                "truncated": truncated,
-                "dpo_prefix_fixed": dpo_fixed,  # rows written with a space prepended to a response
-                "splits": split_counts,
-                "train_rows_written": train_written,
-                "train_rows_downsampled": downsampled,
-            },
+            "counts": counts,
             "mix": mix_report,
             "pack": pack_report,
             "tokenizer": tok.info(),
             "template": {k: getattr(cfg.template, k) for k in Template.__dataclass_fields__},
-            "config": resolved_config,
-            "versions": versions(),
         }
-        write_json(os.path.join(cfg.out_dir, "manifest.json"), manifest)
-        return manifest
+        outputs = [*((s, p) for s, p in out.final.items()), ("rejects", out.rejects), ("stats", stats_path),
+                   ("lengths_png", png), *(("packed_" + role if role in SPLITS else role, p) for role, p in packed)]
+        return _write_manifest(cfg, fmts, st, outputs, summary, resolved_config)
     finally:
         if pool is not None:
             pool.terminate()
-        for h in list(handles.values()) + [rej_f]:
-            if not h.closed:
-                h.close()
-        for store in stores.values():
+        out.close()
+        for store in out.stores.values():
             store.close()
-        for p in created:
+        for p in out.created():
             if os.path.exists(p):
                 os.remove(p)

@@ -6,7 +6,7 @@ on the other rows, so appending data never moves an existing example to another 
 import hashlib
 from typing import Dict
 
-from nemo_ft.config import ConfigError
+from nemo_ft.errors import ConfigError
 
 SPLITS = ("train", "validation", "test")
 

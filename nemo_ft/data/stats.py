@@ -4,7 +4,7 @@ from typing import Dict
 
 import numpy as np
 
-from nemo_ft.data.manifest import temp_path
+from nemo_ft.artifacts import temp_path
 
 
 def length_stats(lengths: np.ndarray, seq_length: int) -> Dict:

@@ -11,8 +11,9 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from nemo_ft.config import ConfigError
-from nemo_ft.data.manifest import sha256_file
+from nemo_ft.artifacts import sha256_file
+from nemo_ft.data.errors import RowReject
+from nemo_ft.errors import ConfigError
 
 
 class Tokenizer:
@@ -203,8 +204,6 @@ def fit_dpo(tok: Tokenizer, row: Dict[str, str], seq_length: int, truncate: bool
     compared and cannot be cut, and the prompt's end holds the turn marker they continue. The cut
     is made in the original text (not by decoding tokens), so newlines and spacing survive.
     """
-    from nemo_ft.data.formats import RowReject
-
     def check(row):
         prompt_ids = tok.encode(row["prompt"])
         row, fixed, lengths = dict(row), False, []
@@ -277,8 +276,6 @@ def encode_chat(tok: Tokenizer, row: dict, special: Dict[str, str] = CHAT_TOKENS
     never the system header, the first turn, or anything of a User turn but that marker.
     Raises RowReject where NeMo would crash (its header-is-a-token-prefix assertion).
     """
-    from nemo_ft.data.formats import RowReject
-
     if row.get("type") is not None:
         raise ValueError(f"only type=null chat rows are rendered here, got {row.get('type')!r}")
     turn, eot, eon = special["turn_start"], special["end_of_turn"], special["end_of_name"]

@@ -10,7 +10,7 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-from nemo_ft.config import ConfigError
+from nemo_ft.errors import ConfigError
 from nemo_ft.paths import CONF_DIR
 from nemo_ft.plan import memory as M
 from nemo_ft.plan import shapes as S
@@ -39,8 +39,8 @@ def gpu_spec(cfg) -> dict | None:
         if not path.exists():
             known = sorted(p.stem for p in path.parent.glob("*.yaml"))
             raise ConfigError("gpu", f"unknown GPU {gpu!r}; one of {', '.join(known)}")
-        from omegaconf import OmegaConf
-        gpu = OmegaConf.load(path)
+        import yaml
+        gpu = yaml.safe_load(path.read_text())
     if _get(gpu, "memory_gb") is None:
         raise ConfigError("gpu.memory_gb", "the GPU's capacity in GB (1e9 bytes) is required")
     return {k: gpu[k] for k in gpu}

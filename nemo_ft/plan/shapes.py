@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nemo_ft.config import ConfigError
+from nemo_ft import peft as vocab
+from nemo_ft.errors import ConfigError
+from nemo_ft.peft import FAST_GATED, LORA_TARGETS  # noqa: F401  (FAST_GATED: the only ones NeMo's LoRA doubles fc1 for)
 
 GATED = {"fast-swiglu", "fast-geglu", "fast-reglu", "swiglu", "geglu", "reglu"}
-FAST_GATED = {"fast-swiglu", "fast-geglu", "fast-reglu"}  # the only ones NeMo's LoRA doubles fc1 for
-LORA_TARGETS = ("attention_qkv", "attention_dense", "mlp_fc1", "mlp_fc2")
-PEFT_SCHEMES = ("none", "lora", "qlora", "ia3", "adapter", "ptuning")
+# The schemes the planner can size ("selective" trains a chosen subset of base weights: not modelled).
+SIZED_SCHEMES = ("none", "lora", "qlora", "ia3", "adapter", "ptuning")
 
 
 def _get(node, key, default=None):
@@ -152,24 +153,15 @@ def total_params(s: ModelShape, tp: int = 1) -> int:
 
 def peft_scheme(peft) -> str:
     scheme = str(_get(peft, "peft_scheme", "none")).lower()
-    if scheme not in PEFT_SCHEMES:
-        raise ConfigError("model.peft.peft_scheme", f"{scheme!r} is not one of {', '.join(PEFT_SCHEMES)}")
+    vocab.schemes_of(scheme)  # unknown names: the same message as the stage checks
+    if scheme not in SIZED_SCHEMES:
+        raise ConfigError("model.peft.peft_scheme", f"the planner sizes {', '.join(SIZED_SCHEMES)}, not {scheme!r}")
     return scheme
 
 
 def lora_targets(peft) -> list[str]:
     """NeMo's get_target_modules: expand attention / mlp / all, keep order, drop repeats."""
-    tuning = _get(peft, "lora_tuning", {})
-    groups = {"attention": LORA_TARGETS[:2], "mlp": LORA_TARGETS[2:], "all": LORA_TARGETS}
-    out: list[str] = []
-    for name in list(_get(tuning, "target_modules", ["attention_qkv"])):
-        for target in groups.get(name, (name,)):
-            if target not in LORA_TARGETS:
-                raise ConfigError("model.peft.lora_tuning.target_modules",
-                                  f"{target!r} is not one of {', '.join(LORA_TARGETS + tuple(groups))}")
-            if target not in out:
-                out.append(target)
-    return out
+    return vocab.lora_targets(list(_get(_get(peft, "lora_tuning", {}), "target_modules", ["attention_qkv"])))
 
 
 def lora_matrix_shapes(s: ModelShape, peft) -> dict[str, tuple[int, int]]:

@@ -9,17 +9,14 @@ so the base is a real NeMo checkpoint that SFT, export and eval restore like any
 from __future__ import annotations
 
 import json
-import shutil
-import sys
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-import nemo_ft.config  # noqa: F401  (registers the ${repo:} resolver)
+from nemo_ft.config.entry import stage_main
 from nemo_ft.config.validate import check_parallel, fill_defaults
-from nemo_ft.paths import CONF_DIR
-from nemo_ft.stages import common
+from nemo_ft.stages import lifecycle
+from nemo_ft.stages.metrics import read_metrics
 
 
 def read_lines(text_files: list[str]) -> list[str]:
@@ -70,51 +67,42 @@ def write_pretrain_jsonl(text_files: list[str], run_dir: Path, validation_fracti
     return len(lines) - n_val, n_val
 
 
+def derive(cfg: DictConfig) -> list[str]:
+    notes = fill_defaults(cfg)
+    if cfg.tokenizer.train:  # trained below, before the model is built; the model reads it from here
+        cfg.tokenizer.model = str(Path(cfg.run.dir).resolve() / "tokenizer.model")
+    return notes
+
+
 def run(cfg: DictConfig) -> Path:
-    fill_defaults(cfg)
-    errors = list(check_parallel(cfg))
-    if errors:
-        common.fail("base", errors)
-    run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / cfg.run.metrics_file).unlink(missing_ok=True)
-
+    run = lifecycle.start("base", cfg, checks=lambda c, skip=(): list(check_parallel(c)), derive=derive)
     if cfg.tokenizer.train:
-        model_path = train_tokenizer(list(cfg.tokenizer.text_files), run_dir / "tokenizer", int(cfg.tokenizer.vocab_size))
-        with open_dict(cfg):
-            cfg.tokenizer.model = str(model_path)
-    n_train, n_val = write_pretrain_jsonl(list(cfg.run.text_files), run_dir, float(cfg.run.validation_fraction))
+        train_tokenizer(list(cfg.tokenizer.text_files), run.dir / "tokenizer", int(cfg.tokenizer.vocab_size))
+    n_train, n_val = write_pretrain_jsonl(list(cfg.run.text_files), run.dir, float(cfg.run.validation_fraction))
 
-    from nemo_ft import runtime
-
-    common.quiet_nemo()
-    rt = runtime.prepare(cfg)
     from nemo.collections.nlp.models.language_modeling.megatron_gpt_sft_model import MegatronGPTSFTModel
 
-    cfg = common.nemo_model_cfg(cfg, keep_arch=True)
-    trainer = common.build_trainer(cfg, run_dir)
-    model = MegatronGPTSFTModel(cfg.model, trainer=trainer)
-    runtime.sync_app_state()
-    trainer.fit(model)
-
-    out = Path(cfg.run.out)
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_to(str(tmp))
-    if rt.rank == 0:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(tmp), str(out))
-        train, val = common.read_metrics(run_dir / cfg.run.metrics_file)
-        print(f"[nemo-ft base] {n_train} train / {n_val} validation lines; "
-              f"train loss {train[0]['reduced_train_loss']:.3f} -> {train[-1]['reduced_train_loss']:.3f}; "
-              f"validation loss {val[-1]['val_loss'] if val else float('nan'):.3f}")
-        print(f"[nemo-ft base] wrote {out}")
+    model = run.build(MegatronGPTSFTModel, run.nemo_cfg(keep_arch=True))
+    run.trainer.fit(model)
+    out, _ = run.save_nemo(model, cfg.run.out)
+    if run.rank0:
+        train, val = read_metrics(run.metrics)
+        summary = {"train_lines": n_train, "validation_lines": n_val, "steps": train[-1]["step"],
+                   "train_loss_first": train[0]["reduced_train_loss"], "train_loss_last": train[-1]["reduced_train_loss"],
+                   "val_loss_last": val[-1]["val_loss"] if val else None}
+        run.finish(summary, outputs={"base": out, "tokenizer": cfg.tokenizer.model if cfg.tokenizer.train else None},
+                   inputs={"text": list(cfg.run.text_files), "tokenizer": None if cfg.tokenizer.train else cfg.tokenizer.model},
+                   plot_title="tiny base: full-parameter pretraining")
+        run.log(f"{n_train} train / {n_val} validation lines; train loss {summary['train_loss_first']:.3f} -> "
+                f"{summary['train_loss_last']:.3f}; validation loss {summary['val_loss_last'] or float('nan'):.3f}")
+        run.log(f"wrote {out}")
     return out
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="base")
+@stage_main("base", "base")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -4,15 +4,12 @@ Text by default, one JSON object with `format=json` (a list with `search=true`).
 fit says so and names the nearest one that does. Exit code 2 on a bad config value.
 """
 import json
-import sys
 
-import hydra
 from omegaconf import DictConfig
 
-import nemo_ft.config  # noqa: F401  registers ${repo:...}
-from nemo_ft.config import ConfigError
-from nemo_ft.paths import CONF_DIR
 from nemo_ft import plan as planner
+from nemo_ft.config.entry import stage_main
+from nemo_ft.errors import ConfigError
 
 
 def _choice(group: str, default: str = "") -> str:
@@ -55,13 +52,9 @@ def run(cfg: DictConfig) -> int:
     return 0
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="plan")
+@stage_main("plan", "plan")
 def main(cfg: DictConfig) -> int:
-    try:
-        return run(cfg)
-    except ConfigError as err:
-        print(f"nemo-ft plan: config error: {err}", file=sys.stderr)
-        sys.exit(2)
+    return run(cfg)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import nemo_ft.config  # noqa: F401
+from nemo_ft.config.validate import validate_sft
 from nemo_ft.paths import CONF_DIR
 
 
@@ -27,16 +28,13 @@ def main(packed_path: str, n_packs: int = 3, overrides=()) -> dict:
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         cfg = compose("sft_lora", overrides=["peft=none", "run.dir=/tmp/nemo_ft_packed_check",
                                              "trainer.enable_progress_bar=false", *overrides])
-    from nemo_ft import runtime
-    from nemo_ft.stages import common, sft
+    from nemo_ft.stages import lifecycle, sft
 
-    common.quiet_nemo()
-    runtime.prepare(cfg)
+    run = lifecycle.start("sft", cfg, checks=validate_sft, derive=sft.derive, nemo_inputs=sft.NEMO_INPUTS)
     from megatron.core.packed_seq_params import PackedSeqParams
     from nemo.collections.nlp.data.language_modeling.megatron.gpt_sft_dataset import GPTSFTPackedDataset
 
-    trainer = common.build_trainer(cfg, Path(cfg.run.dir))
-    model = sft.restore_model(cfg, trainer)
+    model = sft.add_peft(run, run.restore(cfg.model.restore_from_path))
     model.eval()
     gpt = model.model
     dev = next(gpt.parameters()).device

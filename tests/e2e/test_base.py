@@ -1,7 +1,7 @@
 """`nemo-ft base` builds a Llama-shaped base through NeMo that later stages restore like any other."""
 import pytest
 
-from nemo_ft.config.validate import read_nemo_config
+from nemo_ft.nemo_archive import read_config
 from tests.conftest import read_metrics, run_stage
 
 pytestmark = pytest.mark.e2e
@@ -12,7 +12,7 @@ def test_base_builds_a_llama_shaped_nemo_that_learns_and_restores(tmp_path):
     run_stage("base", f"run.dir={run_dir}", "trainer.max_steps=40", "trainer.val_check_interval=20",
               "trainer.enable_progress_bar=false", "tokenizer.train=true")
     nemo = run_dir / "tiny_llama.nemo"
-    conf = read_nemo_config(nemo)
+    conf = read_config(nemo)
     # What an HF Llama export needs, and what splits evenly for TP=2 and PP=2.
     assert conf["normalization"] == "rmsnorm" and conf["activation"] == "fast-swiglu"
     assert conf["position_embedding_type"] == "rope" and conf["bias"] is False

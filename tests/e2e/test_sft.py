@@ -4,7 +4,7 @@ import tarfile
 
 import pytest
 
-from nemo_ft.stages.sft import adapter_tensors
+from nemo_ft.nemo_archive import adapter_tensors
 from tests.conftest import SFT_FAST, read_metrics, run_stage
 
 pytestmark = pytest.mark.e2e

@@ -10,38 +10,17 @@ import sys
 import numpy as np
 import pytest
 
-from nemo_ft.config import ConfigError
+from nemo_ft.errors import ConfigError
 from nemo_ft.data import formats
 from nemo_ft.data.errors import PrepError
-from nemo_ft.data.manifest import sha256_file
+from nemo_ft.artifacts import sha256_file
 from nemo_ft.data.pack import TokenStore, best_fit_decreasing, pack
-from nemo_ft.data.pipeline import PrepConfig, run_prep
+from nemo_ft.data.config import PrepConfig
+from nemo_ft.data.pipeline import run_prep
 from nemo_ft.paths import DATA_DIR, REPO_ROOT
+from tests.conftest import ALL_TRAIN, TOKENIZER, outputs_by_path, prep, read_jsonl
 
 FIX = DATA_DIR / "fixtures"
-TOKENIZER = str(DATA_DIR / "tiny" / "tokenizer.model")
-ALL_TRAIN = {"train": 1.0, "validation": 0.0, "test": 0.0}
-
-
-def prep(tmp_path, inputs, **over):
-    c = {"inputs": [str(i) if not isinstance(i, dict) else i for i in inputs], "out_dir": str(tmp_path / "out"),
-         "tokenizer": {"library": "sentencepiece", "model": TOKENIZER}, "seq_length": 64,
-         "split": dict(ALL_TRAIN), "progress": False, "workers": 1}
-    c.update(over)
-    return run_prep(PrepConfig.from_dict(c), resolved_config=c)
-
-
-def read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
-def test_core_imports_no_heavy_stack():
-    code = ("import sys, nemo_ft.data.pipeline, nemo_ft.data.pack, nemo_ft.data.stats;"
-            "bad=[m for m in sys.modules if m.split('.')[0] in ('nemo','torch','megatron','lightning')];"
-            "print(bad); sys.exit(1 if bad else 0)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
 
 
 GOLDEN = {  # file -> (lines, accepted, rejected by reason)
@@ -62,7 +41,7 @@ def test_golden_counts_on_fixture_corpus(tmp_path):
     for inp, (name, (lines, accepted, rejected)) in zip(m["inputs"], GOLDEN.items()):
         assert (inp["lines"], inp["accepted"], inp["rejected"]) == (lines, accepted, rejected), name
         assert inp["sha256"] == sha256_file(FIX / name)
-    c = m["counts"]
+    c = m["summary"]["counts"]
     assert c["in"] == 39 and c["accepted"] == 24 and c["rejected_total"] == 15
     assert c["in_equals_accepted_plus_rejected"] and c["truncated"] == 1
     assert [i["format"] for i in m["inputs"]] == ["nemo_sft", "alpaca", "prompt_completion", "openai", "sharegpt"]
@@ -78,17 +57,18 @@ def test_golden_counts_on_fixture_corpus(tmp_path):
                      9: "wrong_type", 10: "blank_line", 11: "duplicate", 13: "near_duplicate", 14: "too_long"}
     dup = [r for r in rejects if r["reason"] == "duplicate"][0]
     assert dup["detail"].endswith("sft_messy.jsonl:1")
-    for name, meta in m["outputs"].items():  # every output hashed, nothing half-written left behind
+    outputs = outputs_by_path(m)
+    for name, meta in outputs.items():  # every output hashed, nothing half-written left behind
         assert meta["sha256"] == sha256_file(out / name)
-    assert {"train.jsonl", "validation.jsonl", "test.jsonl", "rejects.jsonl", "stats.json", "lengths.png"} <= set(m["outputs"])
+    assert {"train.jsonl", "validation.jsonl", "test.jsonl", "rejects.jsonl", "stats.json", "lengths.png"} <= set(outputs)
     assert not [p for p in os.listdir(out) if ".tmp-" in p]
-    assert m["tokenizer"]["sha256"] == sha256_file(TOKENIZER) and m["config"]["seq_length"] == 64
-    assert json.load(open(out / "manifest.json"))["counts"] == c
+    assert m["summary"]["tokenizer"]["sha256"] == sha256_file(TOKENIZER) and m["config"]["seq_length"] == 64
+    assert json.load(open(out / "manifest.json"))["summary"]["counts"] == c
 
 
 def test_preference_fixtures_for_dpo(tmp_path):
     m = prep(tmp_path, [FIX / "preference.jsonl", FIX / "aligner_dpo.jsonl"], task="dpo")
-    assert m["counts"]["rejected"] == {"missing_key": 1, "dpo_prompt_mismatch": 1, "chosen_equals_rejected": 1}
+    assert m["summary"]["counts"]["rejected"] == {"missing_key": 1, "dpo_prompt_mismatch": 1, "chosen_equals_rejected": 1}
     rows = [r for s in ("train", "validation", "test") for r in read_jsonl(tmp_path / "out" / f"{s}.jsonl")]
     assert all(set(r) == {"prompt", "chosen_response", "rejected_response"} for r in rows)
     assert {"prompt": "User: Best pet?\nAssistant:", "chosen_response": " A cat.",
@@ -117,7 +97,7 @@ def test_chat_length_is_nemo_rendering_exactly(tmp_path):
     src = tmp_path / "chat.jsonl"
     src.write_text(json.dumps({"system": row["system"], "conversations": row["conversations"]}) + "\n")
     ids, mask = encode_chat(Tokenizer("sentencepiece", TOKENIZER), row)
-    assert prep(tmp_path, [src], task="chat", seq_length=len(ids))["counts"]["accepted"] == 1
+    assert prep(tmp_path, [src], task="chat", seq_length=len(ids))["summary"]["counts"]["accepted"] == 1
     assert read_jsonl(tmp_path / "out" / "train.jsonl") == [row]
     with pytest.raises(PrepError, match="all 1 lines were rejected"):
         prep(tmp_path, [src], task="chat", seq_length=len(ids) - 1)
@@ -176,12 +156,12 @@ def test_mixing_weights_reach_target_shares(tmp_path):
     _write(a, _qa_rows(0, 100))
     _write(b, _qa_rows(500, 20))
     m = prep(tmp_path, [{"path": str(a), "weight": 0.7}, {"path": str(b), "weight": 0.3}])
-    ra, rb = m["mix"][str(a)], m["mix"][str(b)]
+    ra, rb = m["summary"]["mix"][str(a)], m["summary"]["mix"][str(b)]
     assert ra["written"] == 100 and rb["written"] == 43  # nothing dropped; b up-sampled x2.15
     assert abs(rb["achieved_share"] - 0.3) < 0.01
-    assert m["counts"]["train_rows_written"] == 143 and m["counts"]["accepted"] == 120
+    assert m["summary"]["counts"]["train_rows_written"] == 143 and m["summary"]["counts"]["accepted"] == 120
     m = prep(tmp_path / "t", [{"path": str(a), "weight": 0.5}, {"path": str(b), "weight": 0.5}], mix={"total": 30})
-    assert m["counts"]["train_rows_written"] == 30 and m["counts"]["train_rows_downsampled"] == 85 + 5
+    assert m["summary"]["counts"]["train_rows_written"] == 30 and m["summary"]["counts"]["train_rows_downsampled"] == 85 + 5
 
 
 def test_over_length_truncate_or_reject(tmp_path):
@@ -189,8 +169,8 @@ def test_over_length_truncate_or_reject(tmp_path):
     _write(src, [{"input": "Question: " + " ".join(f"w{i}" for i in range(100)) + "?\nAnswer:", "output": " Yes."}])
     m = prep(tmp_path / "t", [src], seq_length=32)
     row = read_jsonl(tmp_path / "t" / "out" / "train.jsonl")[0]
-    assert m["counts"]["truncated"] == 1 and row["output"] == " Yes." and len(row["input"]) < 200
-    assert m["counts"]["splits"]["train"] == 1
+    assert m["summary"]["counts"]["truncated"] == 1 and row["output"] == " Yes." and len(row["input"]) < 200
+    assert m["summary"]["counts"]["splits"]["train"] == 1
     with pytest.raises(PrepError, match="no examples left"):
         prep(tmp_path / "r", [src], seq_length=32, over_length="reject")
     assert read_jsonl(tmp_path / "r" / "out" / "rejects.jsonl")[0]["reason"] == "too_long"
@@ -263,10 +243,10 @@ def test_pack_writes_nemo_named_file(tmp_path):
     m = prep(tmp_path, [DATA_DIR / "sample" / "sft_train.jsonl"], pack=True, seq_length=128, seed=7)
     out = tmp_path / "out"
     arr = np.load(out / "packed_128_seed7.npy", allow_pickle=True)
-    assert len(arr) == m["pack"]["train"]["num_packs"] and set(arr[0]) == {"input_ids", "loss_mask", "seq_start_id"}
-    assert sum(len(p["seq_start_id"]) for p in arr) == m["counts"]["train_rows_written"]
+    assert len(arr) == m["summary"]["pack"]["train"]["num_packs"] and set(arr[0]) == {"input_ids", "loss_mask", "seq_start_id"}
+    assert sum(len(p["seq_start_id"]) for p in arr) == m["summary"]["counts"]["train_rows_written"]
     meta = json.load(open(out / "packed_128_seed7_metadata.json"))
-    assert meta[0]["pack_size"] == 128 and "packed_128_seed7.npy" in m["outputs"]
+    assert meta[0]["pack_size"] == 128 and "packed_128_seed7.npy" in outputs_by_path(m)
 
 
 def test_parallel_workers_give_identical_output(tmp_path):
@@ -284,9 +264,9 @@ def test_parallel_workers_give_identical_output(tmp_path):
         m2 = run_prep(cfg)
     finally:
         pl._workers = orig
-    assert m2["workers"] == 2
+    assert m2["summary"]["workers"] == 2
     for name in ("train.jsonl", "validation.jsonl", "test.jsonl", "rejects.jsonl", "packed_64_seed0.npy"):
-        assert m1["outputs"][name]["sha256"] == m2["outputs"][name]["sha256"], name
+        assert outputs_by_path(m1)[name]["sha256"] == outputs_by_path(m2)[name]["sha256"], name
 
 
 def _cli(*args):
@@ -311,7 +291,8 @@ def test_cli_runs_with_input_and_out_dir(tmp_path):
 def test_cli_errors_are_one_readable_line(tmp_path, args, expect):
     r = _cli(*args, f"out_dir={tmp_path}")
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().startswith("nemo-ft prep: error:") and expect in r.stderr, r.stderr
+    assert r.stderr.strip().startswith("nemo-ft prep: ") and " error" in r.stderr.splitlines()[0], r.stderr
+    assert expect in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("row, ok", [

@@ -12,7 +12,8 @@ from nemo_ft.data.dedup import (Deduper, FirstSeen, band_keys, jaccard_estimate,
                                 signatures)
 from nemo_ft.data.normalize import dedup_text, shingles
 from nemo_ft.data.pack import SpillTokenStore, TokenStore, pack, plan_packs, iter_packs, save_object_npy
-from nemo_ft.data.pipeline import PrepConfig, run_prep
+from nemo_ft.data.config import PrepConfig
+from nemo_ft.data.pipeline import run_prep
 from nemo_ft.paths import DATA_DIR
 
 TOKENIZER = str(DATA_DIR / "tiny" / "tokenizer.model")
@@ -229,10 +230,10 @@ def test_same_outputs_for_any_worker_count_and_chunk_size(tmp_path):
         c = {"inputs": [str(data)], "out_dir": str(out), "tokenizer": {"model": TOKENIZER}, "seq_length": 256,
              "progress": False, "workers": workers, "chunk_size": chunk, "pack": True}
         m = run_prep(PrepConfig.from_dict(c))
-        assert m["counts"]["rejected"].get("near_duplicate", 0) >= 25  # of 50 (LSH recall at J~0.92: ~0.8)
+        assert m["summary"]["counts"]["rejected"].get("near_duplicate", 0) >= 25  # of 50 (LSH recall at J~0.92: ~0.8)
         files = {f: (out / f).read_bytes() for f in ("train.jsonl", "validation.jsonl", "test.jsonl",
                                                      "rejects.jsonl", "packed_256_seed0.npy")}
-        outs.append((m["counts"], files))
+        outs.append((m["summary"]["counts"], files))
     assert outs[0] == outs[1] == outs[2]
     assert not list(tmp_path.glob("*/.*tmp*"))  # no spill or temp files left
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import sentencepiece
 
-from nemo_ft.config import ConfigError
-from nemo_ft.data.manifest import sha256_file
-from nemo_ft.data.pipeline import PrepConfig
+from nemo_ft.errors import ConfigError
+from nemo_ft.artifacts import sha256_file
+from nemo_ft.data.config import PrepConfig
 from nemo_ft.paths import DATA_DIR
-from test_prep import TOKENIZER, prep, read_jsonl  # the shared prep-test helpers
+from tests.conftest import TOKENIZER, prep, read_jsonl
 
 FIX = DATA_DIR / "fixtures"
 
@@ -47,7 +47,7 @@ def test_dpo_golden_counts_and_rows_pass_aligners_checks(tmp_path, mode):
     mismatch, over = mode
     accepted, fixed, truncated, rejects = DPO_GOLDEN[mode]
     m = prep(tmp_path, [FIX / "dpo_prefix.jsonl"], task="dpo", dpo={"prefix_mismatch": mismatch}, over_length=over)
-    c = m["counts"]
+    c = m["summary"]["counts"]
     assert (c["in"], c["accepted"], c["dpo_prefix_fixed"], c["truncated"]) == (6, accepted, fixed, truncated)
     assert c["in_equals_accepted_plus_rejected"] and c["rejected_total"] == len(rejects)
     assert m["inputs"][0]["dpo_prefix_fixed"] == fixed
@@ -55,7 +55,7 @@ def test_dpo_golden_counts_and_rows_pass_aligners_checks(tmp_path, mode):
     got = read_jsonl(out / "rejects.jsonl")
     assert {r["line"]: r["reason"] for r in got} == rejects
     assert all(r["file"].endswith("dpo_prefix.jsonl") and r["detail"] for r in got)
-    assert json.load(open(out / "manifest.json"))["counts"] == c
+    assert json.load(open(out / "manifest.json"))["summary"]["counts"] == c
     assert json.load(open(out / "stats.json"))["dpo_prefix_fixed"] == fixed
     sp = sentencepiece.SentencePieceProcessor(model_file=TOKENIZER)
     rows = read_jsonl(out / "train.jsonl")
@@ -91,9 +91,9 @@ def test_dpo_append_eod_counts_the_eos(tmp_path):
     n = aligner_check(sp.encode_as_ids, row, 10**6)[1]
     assert aligner_check(sp.encode_as_ids, row, n, eos_id=sp.eos_id())[1] == n + 1
     m = prep(tmp_path / "a", [src], task="dpo", seq_length=n, over_length="reject")
-    assert m["counts"]["accepted"] == 2
+    assert m["summary"]["counts"]["accepted"] == 2
     m = prep(tmp_path / "b", [src], task="dpo", seq_length=n, over_length="reject", dpo={"append_eod": True})
-    assert m["counts"]["accepted"] == 1 and m["counts"]["rejected"] == {"dpo_over_length": 1}
+    assert m["summary"]["counts"]["accepted"] == 1 and m["summary"]["counts"]["rejected"] == {"dpo_over_length": 1}
     assert read_jsonl(tmp_path / "b" / "out" / "rejects.jsonl")[0]["line"] == 1
 
 
@@ -130,7 +130,7 @@ def test_dpo_nemo_chat_prompt_format_is_aligners(tmp_path):
     m = prep(tmp_path, [{"path": str(src), "weight": 2}, {"path": str(aligner), "weight": 1}], task="dpo",
              dpo={"prompt_format": "nemo_chat"}, seq_length=256)
     rows = read_jsonl(tmp_path / "out" / "train.jsonl")
-    assert m["counts"]["rejected_total"] == 0 and m["counts"]["dpo_prefix_fixed"] == 0
+    assert m["summary"]["counts"]["rejected_total"] == 0 and m["summary"]["counts"]["dpo_prefix_fixed"] == 0
     assert rows[0] == {  # the guide's own example line
         "prompt": "<extra_id_0>System\n\n<extra_id_1>User\nWhich year was the Magna Carta signed?\n<extra_id_1>Assistant\n",
         "chosen_response": "1215\n<extra_id_1>", "rejected_response": "I refuse to answer this question.\n<extra_id_1>"}
@@ -181,10 +181,10 @@ def test_huggingface_tokenizer_lengths_eos_and_manifest(tmp_path, hf_tok, monkey
     hf = {"library": "huggingface", "model": str(path)}
     monkeypatch.setattr(pl, "_workers", lambda cfg: 2)  # forked workers load the HF tokenizer too
     m = prep(tmp_path, [src], tokenizer=hf, pack=True, dedup={"near": False}, seq_length=128)
-    t = m["tokenizer"]
+    t = m["summary"]["tokenizer"]
     assert (t["library"], t["model"], t["sha256"]) == ("huggingface", str(path), sha256_file(path / "tokenizer.json"))
     assert (t["bos_id"], t["eos_id"], t["pad_id"]) == (fast.bos_token_id, fast.eos_token_id, fast.pad_token_id)
-    assert t["vocab_size"] == len(fast) and m["counts"]["accepted"] == 40 and m["workers"] == 2
+    assert t["vocab_size"] == len(fast) and m["summary"]["counts"]["accepted"] == 40 and m["summary"]["workers"] == 2
 
     # NeMo's "{input} {output}" with a space-sensitive tokenizer: input, " output" (stripped), EOS;
     # NeMo's HF tokenizer encodes with tokenize() + convert_tokens_to_ids (no special tokens).
@@ -214,7 +214,7 @@ def test_huggingface_dpo_prefix_fix(tmp_path, hf_tok):
     enc = lambda s: fast.convert_tokens_to_ids(fast.tokenize(s))
     assert not aligner_check(enc, rows[0], 64)[0]
     m = prep(tmp_path, [src], task="dpo", tokenizer={"library": "huggingface", "model": str(path)})
-    assert m["counts"]["dpo_prefix_fixed"] == 1
+    assert m["summary"]["counts"]["dpo_prefix_fixed"] == 1
     row = read_jsonl(tmp_path / "out" / "train.jsonl")[0]
     assert row["chosen_response"] == " Stockholm." and aligner_check(enc, row, 64)[0]
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from nemo_ft.data.pack import TokenStore, pack
-from nemo_ft.data.pipeline import PrepConfig, run_prep
+from nemo_ft.data.config import PrepConfig
+from nemo_ft.data.pipeline import run_prep
 from nemo_ft.paths import DATA_DIR
 
 pytestmark = pytest.mark.e2e
@@ -52,7 +53,7 @@ def test_packed_round_trip_through_nemo(tmp_path):
         reference.setdefault(tuple(ex["input_ids"]), batch["loss_mask"][0, :n].tolist())
 
     packed = GPTSFTPackedDataset(str(out / f"packed_{seq}_seed0.npy"), **kw)
-    assert len(packed) == m["pack"]["train"]["num_packs"]
+    assert len(packed) == m["summary"]["pack"]["train"]["num_packs"]
     n_seqs = 0
     for i in range(len(packed)):
         item = packed[i]
@@ -70,10 +71,10 @@ def test_packed_round_trip_through_nemo(tmp_path):
             assert batch["position_ids"][0, pos].item() == 0
             pos += e - a - 1
             n_seqs += 1
-    assert n_seqs == m["counts"]["train_rows_written"]
+    assert n_seqs == m["summary"]["counts"]["train_rows_written"]
 
     val = GPTSFTPackedDataset(str(out / f"validation_packed_{seq}_seed0.npy"), **kw)
-    assert sum(len(val[i]["seq_boundaries"]) - 1 for i in range(len(val))) == m["counts"]["splits"]["validation"]
+    assert sum(len(val[i]["seq_boundaries"]) - 1 for i in range(len(val))) == m["summary"]["counts"]["splits"]["validation"]
     meta = json.load(open(out / f"packed_{seq}_seed0_metadata.json"))
     assert [d["pack_size"] for d in meta] == [seq, seq]
 
@@ -150,7 +151,7 @@ def test_chat_lengths_match_nemo_chat_dataset(tmp_path):
         "seq_length": 1024, "split": {"train": 1.0, "validation": 0.0, "test": 0.0}, "progress": False,
         "workers": 1}))
     n_rows = sum(len(r) for r in CHAT_ROWS.values())
-    assert m["counts"]["splits"]["train"] == m["counts"]["train_rows_written"] == n_rows
+    assert m["summary"]["counts"]["splits"]["train"] == m["summary"]["counts"]["train_rows_written"] == n_rows
     rows = [json.loads(line) for line in open(out / "train.jsonl", encoding="utf-8")]
 
     # As MegatronGPTSFTModel._build_dataset builds it for model.data.chat=true (chat_prompt_tokens unset).
@@ -221,8 +222,8 @@ def test_packed_chat_round_trip_through_nemo(tmp_path):
     packed = GPTSFTPackedDataset(str(out / f"packed_{seq}_seed0.npy"), tokenizer=_nemo_tokenizer(), max_seq_length=seq,
                                  answer_only_loss=True, prompt_template=TEMPLATE, label_key="output",
                                  truncation_field="input")  # what sft_lora.yaml passes; unused by packs
-    assert m["counts"]["rejected_total"] == 0
-    assert len(packed) == m["pack"]["train"]["num_packs"] < len(reference)  # some pack holds several conversations
+    assert m["summary"]["counts"]["rejected_total"] == 0
+    assert len(packed) == m["summary"]["pack"]["train"]["num_packs"] < len(reference)  # some pack holds several conversations
     n_seqs, seen = 0, set()
     for i in range(len(packed)):
         item = packed[i]
@@ -237,7 +238,7 @@ def test_packed_chat_round_trip_through_nemo(tmp_path):
             pos += e - a - 1
             n_seqs += 1
             seen.add(ids)
-    assert n_seqs == m["counts"]["train_rows_written"] and seen == set(reference)
+    assert n_seqs == m["summary"]["counts"]["train_rows_written"] and seen == set(reference)
 
 
 def test_dpo_nemo_chat_prompts_continue_as_nemo_chat_sft_trains(tmp_path):
@@ -290,7 +291,7 @@ def test_dpo_output_through_nemo_aligners_dataset(tmp_path, dpo):
         "out_dir": str(tmp_path / "out"), "task": "dpo", "tokenizer": {"model": TOKENIZER}, "seq_length": seq,
         "dpo": dpo, "split": {"train": 1.0, "validation": 0.0, "test": 0.0}, "progress": False, "workers": 1}))
     rows = [json.loads(line) for line in open(tmp_path / "out" / "train.jsonl", encoding="utf-8")]
-    assert len(rows) == m["counts"]["train_rows_written"] >= 8
+    assert len(rows) == m["summary"]["counts"]["train_rows_written"] >= 8
     cfg = OmegaConf.create({"data": {"append_eod": bool(dpo.get("append_eod", False))}})
     ds = DPOModelDataset(cfg=cfg, tokenizer=_nemo_tokenizer(), name="train", data_prefix=str(tmp_path / "out"),
                          documents=np.arange(len(rows)), data=rows, seq_length=seq, seed=1234)
@@ -303,5 +304,5 @@ def test_dpo_output_through_nemo_aligners_dataset(tmp_path, dpo):
     # stats.json counts each accepted row once (mixing up-samples the written train file)
     once = {json.dumps(r, sort_keys=True): n for r, n in zip(rows, lengths)}
     st = json.load(open(tmp_path / "out" / "stats.json"))["splits"]["train"]
-    assert st["count"] == len(once) == m["counts"]["accepted"]
+    assert st["count"] == len(once) == m["summary"]["counts"]["accepted"]
     assert (st["tokens"], st["max"]) == (sum(once.values()), max(once.values()))

@@ -1,7 +1,7 @@
 """Bad SFT configs end with one readable message naming the key, exit 2, no traceback, no model built."""
 import pytest
 
-from tests.conftest import run_stage
+from tests.conftest import REPO, run_stage
 
 CASES = [
     # (overrides, key the message must name, words it must contain)
@@ -24,6 +24,9 @@ CASES = [
     (["peft=qlora"], "model.peft.peft_scheme", "NGC container"),
     (["model.optim.name=fused_adam"], "model.optim.name", "needs NVIDIA apex"),
     (["model.megatron_amp_O2=true"], "model.megatron_amp_O2", "needs NVIDIA apex"),
+    # an override naming no key, or no option of a group: the closest name, not Hydra's struct error
+    (["model.peft.lora_tuning.adaptr_dim=8"], "model.peft.lora_tuning.adaptr_dim", "did you mean adapter_dim?"),
+    (["parallel=cpu_tp3"], "parallel", "did you mean cpu_tp2?"),
 ]
 
 
@@ -44,25 +47,61 @@ def test_composed_config_prints_with_overrides(tmp_path):
     assert "tensor_model_parallel_size: 2" in proc.stdout and "peft_scheme: lora" in proc.stdout
 
 
-def test_data_prepared_for_another_tokenizer_or_template_is_refused(tmp_path):
-    import json
+@pytest.fixture(scope="module")
+def prepped(tmp_path_factory):
+    """A real prep run on the sample data (its manifest is what sft checks)."""
+    out = tmp_path_factory.mktemp("prep")
+    run_stage("prep", "input=data/sample/sft_train.jsonl", f"out_dir={out}", "template.prompt_template='{input}{output}'",
+              "split.train=0.8", "split.validation=0.2", "split.test=0", "seq_length=128", "progress=false")
+    return out
+
+
+def _copy_prep(src, dst):
     import shutil
 
-    from nemo_ft.paths import REPO_ROOT
-    data = tmp_path / "prep"
-    data.mkdir()
-    for name in ("sft_train.jsonl", "sft_validation.jsonl"):
-        shutil.copy(REPO_ROOT / "data/sample" / name, data / name)
-    (data / "manifest.json").write_text(json.dumps({
-        "stage": "prep",
-        "tokenizer": {"model": "/elsewhere/other.model", "sha256": "0" * 64},
-        "template": {"prompt_template": "Q: {input}\nA: {output}", "label_key": "output", "add_eos": True},
-    }))
-    proc = run_stage("sft", f"run.dir={tmp_path / 'run'}", f"model.data.train_ds.file_names=[{data}/sft_train.jsonl]",
-                     f"model.data.validation_ds.file_names=[{data}/sft_validation.jsonl]", check=False, timeout=120)
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _prep_files(prep):
+    return (f"model.data.train_ds.file_names=[{prep}/train.jsonl]",
+            f"model.data.validation_ds.file_names=[{prep}/validation.jsonl]")
+
+
+def test_data_prepared_for_another_tokenizer_or_template_is_refused(prepped, tmp_path):
+    """A prep manifest whose tokenizer hash is not the base's (tampered here) and a template that differs."""
+    import json
+
+    prep = _copy_prep(prepped, tmp_path / "prep")
+    m = json.loads((prep / "manifest.json").read_text())
+    m["summary"]["tokenizer"]["sha256"] = "0" * 64
+    (prep / "manifest.json").write_text(json.dumps(m))
+    proc = run_stage("sft", f"run.dir={tmp_path / 'run'}", *_prep_files(prep),
+                     "model.data.train_ds.prompt_template='Q: {input}\nA: {output}'", check=False, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "model.data.train_ds.prompt_template: " in proc.stderr and "was prepared with prompt_template" in proc.stderr
     assert "model.data.train_ds.file_names: " in proc.stderr and "carries another tokenizer" in proc.stderr
+    assert not (tmp_path / "run" / "nemo").exists()
+
+
+def test_data_changed_after_prep_is_refused(prepped, tmp_path):
+    prep = _copy_prep(prepped, tmp_path / "prep")
+    with open(prep / "train.jsonl", "a") as f:
+        f.write('{"input": "Q?", "output": " A."}\n')
+    proc = run_stage("sft", f"run.dir={tmp_path / 'run'}", *_prep_files(prep), check=False, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{prep / 'manifest.json'}: " in proc.stderr and "train.jsonl changed after this prep run" in proc.stderr
+
+
+def test_prepped_data_that_matches_passes_the_checks(prepped, tmp_path):
+    from omegaconf import OmegaConf
+
+    from nemo_ft.config.validate import check_prep_provenance
+    cfg = OmegaConf.create({"model": {"restore_from_path": str(REPO / "data/tiny/tiny_llama.nemo"), "data": {
+        "chat": False, "train_ds": {"file_names": [str(prepped / "train.jsonl")], "max_seq_length": 128,
+                                    "prompt_template": "{input}{output}", "label_key": "output", "add_eos": True,
+                                    "add_bos": False}}}})
+    assert list(check_prep_provenance(cfg)) == []
 
 
 def test_layout_that_cannot_fit_the_named_gpu_is_refused(tmp_path):
@@ -96,12 +135,8 @@ def test_checkpoint_built_with_transformer_engine_needs_it(tmp_path):
     assert "model.restore_from_path: te_base.nemo was built with Transformer Engine" in proc.stderr
 
 
-def test_data_longer_than_max_seq_length_is_refused(tmp_path):
-    prep = tmp_path / "prep"
-    run_stage("prep", "input=data/sample/sft_train.jsonl", f"out_dir={prep}", "template.prompt_template='{input}{output}'",
-              "split.train=0.8", "split.validation=0.2", "split.test=0")
-    proc = run_stage("sft", f"run.dir={tmp_path / 'run'}", f"model.data.train_ds.file_names=[{prep}/train.jsonl]",
-                     f"model.data.validation_ds.file_names=[{prep}/validation.jsonl]",
+def test_data_longer_than_max_seq_length_is_refused(prepped, tmp_path):
+    proc = run_stage("sft", f"run.dir={tmp_path / 'run'}", *_prep_files(prepped),
                      "model.data.train_ds.max_seq_length=16", check=False, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "model.data.train_ds.max_seq_length: " in proc.stderr and "would cut them silently" in proc.stderr

@@ -1,0 +1,74 @@
+"""Lightning callbacks the NeMo stages add to NeMo's trainer: metrics.jsonl, a clean stop, a memory probe."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback
+
+
+def _scalar(v) -> float:
+    return float(v.detach().cpu()) if hasattr(v, "detach") else float(v)
+
+
+class MetricsRecorder(Callback):
+    """Appends one JSON line per train step and per validation to `path` (on rank 0)."""
+
+    TRAIN_KEYS = ("reduced_train_loss", "lr", "grad_norm", "consumed_samples")
+
+    def __init__(self, path: Path, write: bool):
+        self.path, self.write, self.t0 = Path(path), write, None
+
+    def _write(self, row: dict) -> None:
+        if self.write:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def on_train_start(self, trainer, pl_module):
+        self.t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        m = trainer.callback_metrics
+        row = {"kind": "train", "step": int(trainer.global_step), "time_s": time.perf_counter() - self.t0}
+        row.update({k: _scalar(m[k]) for k in self.TRAIN_KEYS if k in m})
+        self._write(row)
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        m = trainer.callback_metrics
+        for key in ("val_loss", "validation_loss"):
+            if key in m:
+                self._write({"kind": "validation", "step": int(trainer.global_step), "val_loss": _scalar(m[key])})
+                break
+
+
+class StopAfter(Callback):
+    """Stop cleanly after `steps` optimizer steps, as a preempted job would (checkpoint first)."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.steps:
+            trainer.should_stop = True
+
+
+class MemoryProbe(Callback):
+    """Measures the bytes the planner predicts: trainable params, their gradients, optimizer state."""
+
+    def __init__(self):
+        self.measured = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if "grad_bytes" not in self.measured:
+            grads = [p.grad for p in pl_module.parameters() if p.requires_grad and p.grad is not None]
+            self.measured["grad_bytes"] = sum(g.numel() * g.element_size() for g in grads)
+            self.measured["trainable_params"] = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+
+    def on_train_end(self, trainer, pl_module):
+        # Adam's m and v; the scalar step counters are bookkeeping, not per-parameter state.
+        states = [t for opt in trainer.optimizers for st in opt.state.values() for t in st.values()
+                  if hasattr(t, "numel") and t.dim() > 0]
+        self.measured["optimizer_bytes"] = sum(t.numel() * t.element_size() for t in states)

@@ -1,0 +1,299 @@
+"""One lifecycle for every stage that runs NeMo: what each must do, in the order it must be done.
+
+    run = lifecycle.start("sft", cfg, checks=validate_sft, derive=derive)   # 1-6
+    model = run.restore(cfg.model.restore_from_path)                        # 7 (syncs NeMo's AppState)
+    run.trainer.fit(model)                                                  # the stage's own work
+    adapter = run.save_nemo(model, "adapter.nemo", check=check_adapter)     # 8
+    run.finish(summary, outputs={"adapter": adapter, ...})                  # 9
+
+1. derive: the only place the config is edited (values NeMo insists on but that follow from others);
+   afterwards it is read-only, and NeMo gets copies (`run.nemo_cfg()`), never our object;
+2. validate: every .nemo the config names is checked before NeMo touches it (nemo_archive: no
+   code in pickles, no member outside the archive), then the stage's checks; all problems at once,
+   exit 2, nothing started;
+3. plan (opt-in): the memory planner's estimate; on a known GPU a layout that cannot fit is refused;
+4. run dir: a stale manifest is removed first (a run dir is complete only once `finish` writes one);
+   resume bookkeeping: metrics after the checkpoint being resumed are dropped, else metrics start over;
+5. runtime.prepare: NeMo's bug fixes, the CPU path, torch.distributed + megatron's groups;
+6. NeMo's Megatron trainer + exp_manager (TensorBoard, checkpoints), with our metrics callback;
+7. restore/build the model through NeMo, then fill NeMo's AppState (no stage can forget it);
+8. save through NeMo into a temp name, check what was written, rename into place;
+9. manifest (nemo_ft.artifacts) + loss plot, on rank 0.
+
+Heavy imports stay inside functions so `--help`, `--cfg job` and config errors come back fast.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from nemo_ft import artifacts
+from nemo_ft.config.entry import StageErrors
+from nemo_ft.config.validate import ARCH_KEYS, PROFILE_ONLY_KEYS
+from nemo_ft.errors import ConfigError, InputError, NemoFtError
+from nemo_ft.stages.metrics import plot_losses
+
+# Versions recorded in every NeMo stage's manifest.
+STACK = ("nemo_toolkit", "megatron-core", "torch", "lightning", "nemo-aligner")
+
+
+def is_rank_zero() -> bool:
+    # Before nemo_ft.runtime starts torch.distributed, srun tasks only have SLURM_PROCID.
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+
+
+def quiet_nemo() -> None:
+    """NeMo logs every config and warning at INFO; keep our own summary readable."""
+    import logging as pylogging
+    import warnings
+
+    from nemo.utils import logging
+
+    logging.setLevel(pylogging.WARNING)
+    for category in (UserWarning, FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+
+def nemo_model_cfg(cfg: DictConfig, keep_arch: bool = False) -> DictConfig:
+    """A mutable copy of cfg as NeMo should see it: without our profile-only keys and, unless a model is
+    built from scratch (keep_arch), without the profile's architecture keys. A restored checkpoint's
+    own config is the truth for its shapes; the profile's copy is only checked against it
+    (run.check_arch) and sized by the planner, never merged over it."""
+    cfg = copy.deepcopy(cfg)
+    OmegaConf.set_readonly(cfg, False)
+    with open_dict(cfg):
+        for key in PROFILE_ONLY_KEYS:
+            cfg.model.pop(key, None)
+        for key in ARCH_KEYS + ("make_vocab_size_divisible_by",):
+            if not keep_arch or cfg.model.get(key) is None:
+                cfg.model.pop(key, None)
+    return cfg
+
+
+def check_nemo_inputs(cfg: DictConfig, keys: Iterable[str]) -> tuple[list[NemoFtError], set[str]]:
+    """Every .nemo named by `keys` opened and checked before NeMo touches it; (errors, bad keys)."""
+    from nemo_ft.nemo_archive import check_nemo
+
+    trust = bool(OmegaConf.select(cfg, "run.trust_checkpoint", default=False))
+    errors, bad = [], set()
+    for key in keys:
+        path = OmegaConf.select(cfg, key, default=None)
+        if not path or not Path(str(path)).exists():
+            continue  # a missing file is the stage checks' message
+        try:
+            check_nemo(path, key=key, trust=trust)
+        except InputError as err:
+            errors.append(err)
+            bad.add(key)
+    return errors, bad
+
+
+@dataclass
+class StageRun:
+    """A started stage: its (read-only) config, run directory, runtime and NeMo trainer."""
+
+    stage: str
+    cfg: DictConfig
+    dir: Path
+    rt: object  # nemo_ft.runtime.Runtime
+    trainer: object
+    resuming: bool
+    notes: list = field(default_factory=list)
+    planned: Optional[dict] = None  # the planner's bytes (plan=True) ...
+    probe: object = None            # ... and a MemoryProbe measuring the same on this rank
+
+    @property
+    def rank0(self) -> bool:
+        return self.rt.rank == 0
+
+    def log(self, message: str) -> None:
+        if self.rank0:
+            print(f"[nemo-ft {self.stage}] {message}", flush=True)
+
+    @property
+    def metrics(self) -> Path:
+        return self.dir / self.cfg.run.metrics_file
+
+    def nemo_cfg(self, keep_arch: bool = False) -> DictConfig:
+        return nemo_model_cfg(self.cfg, keep_arch)
+
+    def _synced(self, model):
+        from nemo_ft import runtime
+
+        runtime.sync_app_state()
+        return model
+
+    def build(self, model_cls, model_cfg: DictConfig):
+        """A new model from a config (nemo-ft base), through NeMo's constructor."""
+        return self._synced(model_cls(model_cfg.model, trainer=self.trainer))
+
+    def restore(self, path, model_cls=None, model_cfg: Optional[DictConfig] = None):
+        """NeMo's own restore of a .nemo with our settings merged over its config (merge_cfg_with)."""
+        from nemo.collections.nlp.parts.nlp_overrides import NLPSaveRestoreConnector
+
+        if model_cls is None:
+            from nemo.collections.nlp.models.language_modeling.megatron_gpt_sft_model import MegatronGPTSFTModel
+            model_cls = MegatronGPTSFTModel
+        if model_cfg is None:
+            model_cfg = model_cls.merge_cfg_with(str(path), self.nemo_cfg())
+        model = model_cls.restore_from(str(path), model_cfg, trainer=self.trainer,
+                                       save_restore_connector=NLPSaveRestoreConnector())
+        return self._synced(model)
+
+    def save_nemo(self, model, out, check: Optional[Callable[[Path], dict]] = None) -> tuple[Path, dict]:
+        """NeMo's save_to into a temp name next to `out`, `check` it (rank 0), rename into place.
+        Returns (path, what check reported). A failed check leaves nothing at `out`."""
+        out = Path(out) if Path(out).is_absolute() else self.dir / out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        model.save_to(str(tmp))
+        report = {}
+        if self.rank0:
+            try:
+                report = check(tmp) if check else {}
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            os.replace(tmp, out)
+        return out, report
+
+    def finish(self, summary: dict, outputs: dict, inputs: Optional[dict] = None, plot_title: Optional[str] = None) -> dict:
+        """Rank 0: the loss plot (if titled) and the manifest, last. `outputs`/`inputs` are {role: path}
+        (a role may map to a list of paths). Returns the summary."""
+        if not self.rank0:
+            return summary
+        if plot_title:
+            outputs = {**outputs, "loss_png": plot_losses(self.metrics, self.dir / "loss.png", plot_title)}
+        if self.metrics.exists():
+            outputs = {"metrics": self.metrics, **outputs}
+
+        def records(mapping, **kw):
+            out = []
+            for role, paths in (mapping or {}).items():
+                for p in paths if isinstance(paths, (list, tuple)) else [paths]:
+                    if p is not None and Path(p).exists():
+                        out.append(artifacts.file_record(p, role, **kw))
+            return out
+        artifacts.write_manifest(self.dir, self.stage, inputs=records(inputs), outputs=records(outputs, relative_to=self.dir),
+                                 config=OmegaConf.to_container(self.cfg, resolve=True), summary=summary, dists=STACK)
+        return summary
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    # PEFT checkpoints are .ckpt files; full fine-tuning's distributed checkpoints are directories.
+    ckpt = run_dir / "nemo" / "checkpoints"
+    return ckpt.is_dir() and any(p.name.endswith(".ckpt") or p.is_dir() for p in ckpt.iterdir())
+
+
+def trim_metrics_to_checkpoint(metrics: Path, checkpoints: Path) -> None:
+    """On a resume, drop the rows logged after the checkpoint being resumed (exp_manager takes the
+    newest *-last.ckpt): a requeued job repeats those steps, and the curve should not jump back."""
+    lasts = list(checkpoints.glob("*-last.ckpt")) if checkpoints.is_dir() else []
+    found = re.search(r"-step=(\d+)", max(lasts, key=os.path.getmtime).name) if lasts else None
+    if not found or not metrics.exists():
+        return
+    step = int(found.group(1))
+    rows = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    with artifacts.atomic_write(metrics) as f:
+        f.write("".join(line + "\n" for line in rows))
+
+
+def plan_memory(stage: str, cfg: DictConfig, cuda: bool) -> dict:
+    """The planner's per-GPU estimate; on a GPU, refuse a layout that cannot fit (plan.enforce)."""
+    from nemo_ft import plan
+
+    pcfg = copy.deepcopy(cfg)  # the planner reads our profile keys too (vocab_size)
+    OmegaConf.set_readonly(pcfg, False)
+    with open_dict(pcfg):
+        pcfg.gpu = cfg.plan.gpu if cfg.plan.gpu else (_detect_gpu() if cuda else None)
+    estimate = plan.estimate(pcfg)
+    # Enforced wherever the GPU is known: detected on a GPU run, or named with plan.gpu (which also
+    # lets a CPU dry run check a cluster layout).
+    if cfg.plan.enforce and pcfg.gpu and not estimate.fits:
+        _, message = plan.check_fits(pcfg)
+        print(message + "\n(override with plan.enforce=false)", file=sys.stderr)
+        sys.exit(2)
+    return {"trainable_params": estimate.trainable_params, "grad_bytes": estimate.grads,
+            "optimizer_bytes": estimate.optimizer, "total_gb": estimate.as_json()["total_gb"], "gpu": pcfg.gpu}
+
+
+def _detect_gpu() -> Optional[str]:
+    """Name of the conf/gpu profile matching the visible GPU, if any."""
+    import torch
+
+    name = torch.cuda.get_device_name(0).lower()
+    total_gb = torch.cuda.get_device_properties(0).total_memory / 1e9
+    for key, profile in (("h200", "h200_141gb"), ("h100", "h100_80gb"), ("a100", "a100_80gb" if total_gb > 50 else "a100_40gb"),
+                         ("l40s", "l40s_48gb"), ("a10g", "a10g_24gb"), ("4090", "rtx4090_24gb")):
+        if key in name:
+            return profile
+    return None
+
+
+def start(stage: str, cfg: DictConfig, *, checks: Callable[..., list],
+          derive: Optional[Callable[[DictConfig], list]] = None, nemo_inputs: Iterable[str] = (),
+          plan: bool = False) -> StageRun:
+    """Steps 1-6 of the module docstring; raises StageErrors (exit 2) before anything is started."""
+    notes = list(derive(cfg) if derive else [])
+    OmegaConf.set_readonly(cfg, True)
+    errors, bad = check_nemo_inputs(cfg, nemo_inputs)
+    errors += list(checks(cfg, skip=bad))
+    if errors:
+        raise StageErrors(errors)
+    if OmegaConf.select(cfg, "run.trust_checkpoint", default=False) and is_rank_zero():
+        print(f"[nemo-ft {stage}] run.trust_checkpoint=true: the pickles of {', '.join(nemo_inputs)} are loaded "
+              "without checking them", flush=True)
+
+    from nemo_ft import runtime
+
+    planned = None
+    if plan:
+        try:
+            planned = plan_memory(stage, cfg, runtime.wants_cuda(cfg))
+        except ConfigError as err:
+            raise StageErrors([err]) from None
+    run_dir = Path(cfg.run.dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics = run_dir / cfg.run.metrics_file
+    resuming = bool(cfg.exp_manager.resume_if_exists) and _has_checkpoint(run_dir)
+    if is_rank_zero():
+        (run_dir / artifacts.MANIFEST).unlink(missing_ok=True)
+        if resuming:
+            trim_metrics_to_checkpoint(metrics, run_dir / "nemo" / "checkpoints")
+        else:
+            metrics.unlink(missing_ok=True)
+
+    quiet_nemo()
+    rt = runtime.prepare(cfg)
+    for note in notes if rt.rank == 0 else ():
+        print(f"[nemo-ft {stage}] note: {note}")
+    from nemo_ft.stages import callbacks
+
+    probe = callbacks.MemoryProbe() if plan else None
+    trainer = build_trainer(cfg, run_dir, [probe] if probe else [])
+    return StageRun(stage=stage, cfg=cfg, dir=run_dir, rt=rt, trainer=trainer, resuming=resuming, notes=notes,
+                    planned=planned, probe=probe)
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=()):
+    """NeMo's own Megatron trainer (strategy, precision plugins) and exp_manager (TensorBoard, checkpoints)."""
+    from nemo.collections.nlp.parts.megatron_trainer_builder import MegatronLMPPTrainerBuilder
+    from nemo.utils.exp_manager import exp_manager
+
+    from nemo_ft.stages import callbacks
+
+    nemo = nemo_model_cfg(cfg, keep_arch=True)
+    cbs = [callbacks.MetricsRecorder(run_dir / cfg.run.metrics_file, is_rank_zero()), *extra_callbacks]
+    if cfg.run.get("stop_after_steps"):
+        cbs.append(callbacks.StopAfter(int(cfg.run.stop_after_steps)))
+    trainer = MegatronLMPPTrainerBuilder(nemo).create_trainer(callbacks=cbs)
+    exp_manager(trainer, nemo.exp_manager)
+    return trainer
