@@ -367,7 +367,8 @@ def _join(param: Param, pieces: list, tp: int) -> np.ndarray:
         for t, (value, (path, key)) in enumerate(pieces[1:], start=1):
             if not np.array_equal(value, first):
                 diff = float(np.max(np.abs(value.astype(np.float64) - first.astype(np.float64))))
-                raise InputError(f"replicated tensor differs between tp_rank=0 and tp_rank={t} (max |diff| {diff:.3g}); "
+                raise InputError(f"replicated tensor differs between tp_rank=0 and tp_rank={t} "
+                                 f"(max |diff| {diff:.3g}); "
                                  "there is no single TP=1 value to export", path=path, key=key)
         return first
     return first  # CACHE

@@ -55,7 +55,7 @@ class ModelSpec:
     num_layers: int
     ffn_hidden_size: int
     num_query_groups: Optional[int] = None   # None: multi-head attention (NeMo's default = num_attention_heads)
-    kv_channels: Optional[int] = None        # None: hidden_size // num_attention_heads (peft_config._calculate_kv_channels)
+    kv_channels: Optional[int] = None        # None: hidden // heads (peft_config._calculate_kv_channels)
     activation: str = "fast-swiglu"
     share_embeddings_and_output_weights: bool = True  # NeMo's default: megatron_gpt_model.py cfg.get(..., True)
     transformer_engine: bool = False  # TE spec fuses the norms into linear_qkv / linear_fc1 (their key names)

@@ -525,7 +525,8 @@ def test_nemo_hf_round_trip_is_exact(te, prefix, tied):
     base[f"{prefix}decoder.layers.0.self_attention.linear_qkv._extra_state"] = None  # TE metadata: ignored
     hf = nemo_to_hf_llama(base, m)
     assert ("lm_head.weight" in hf) is (not tied)
-    assert hf["model.layers.1.self_attn.o_proj.weight"] is base[f"{prefix}decoder.layers.1.self_attention.linear_proj.weight"]
+    proj = base[f"{prefix}decoder.layers.1.self_attention.linear_proj.weight"]
+    assert hf["model.layers.1.self_attn.o_proj.weight"] is proj
     assert len(hf) == 2 + (not tied) + 9 * m.num_layers
     back = hf_to_nemo_llama(hf, m, prefix=prefix)
     del base[f"{prefix}decoder.layers.0.self_attention.linear_qkv._extra_state"]
