@@ -5,10 +5,13 @@ NeMo 2.4 saves PEFT checkpoints (keys `model.decoder.layers.{stage-local layer}.
 output is one dict with global layer numbers, which is what a TP=1/PP=1 run saves, so it can be written
 as a canonical model_weights.ckpt. split_adapter is the inverse (to reshard between layouts).
 
-How each tensor is sharded was read from NeMo's and megatron-core's source, not assumed:
+How each tensor is sharded was read from NeMo's and megatron-core's source, not assumed (line numbers
+of the installed NeMo 2.4.1 under nemo/collections/nlp/{modules/common/megatron/adapters,parts,parts/mixins}/
+and megatron-core 0.13.1 under megatron/core/):
 - megatron ColumnParallelLinear holds weight [out/tp, in], bias [out/tp] (tensor_parallel/layers.py
   825-826, 855 partition_dim=0, 866-867); RowParallelLinear holds weight [out, in/tp] (1137-1138,
-  1168 partition_dim=1) and a full, replicated bias [out] (1176). Rank r holds the r-th contiguous slice.
+  1168 partition_dim=1) and a full, replicated bias [out] (1176). Rank r holds the r-th contiguous
+  slice; gathers concatenate in rank order (tensor_parallel/mappings.py 80-94).
 - LoRA (ParallelLinearAdapter, parallel_adapters.py 159-244, configs 536-565; LoRA passes
   gather_output=False, peft_config.py 264):
   * column-parallel targets (attention_qkv, mlp_fc1; input_is_parallel=False): linear_in (A) is a
@@ -35,10 +38,10 @@ How each tensor is sharded was read from NeMo's and megatron-core's source, not 
   inference_table buffer (persistent, saved: nlp_adapter_mixins.py 120-134) is a cache NeMo refills on
   its first eval forward (is_inference_ready is not saved), so rank 0's copy is kept unchecked. The
   adapter lives on the embedding, so only PP stage 0 holds it (a p-tuning-only later stage saves {}:
-  nlp_adapter_mixins.py 245, 455).
-Replicated tensors must be equal on every TP rank; if they are not there is no single TP=1 value
-(e.g. an adapter norm trained under sequence parallelism, whose grads NeMo does not all-reduce), and
-gather refuses rather than picking one.
+  nlp_adapter_mixins.py 245, 452-453).
+Replicated tensors must be equal on every TP rank (their gradients are the same on every rank when
+training is correct); if they are not there is no single TP=1 value, and gather refuses rather than
+picking one.
 
 Layer numbers in PP shards are stage-local; global = local + pp_rank * (num_layers // pp) (NeMo's
 own lora_converter.py does the same and likewise assumes the even split; spec.py refuses others).
