@@ -198,7 +198,7 @@ def _known_suffixes() -> dict:
     return out
 
 
-def _layer_rank_key(key: str):
+def _parse_key(key: str):
     """(stage-local layer or None, suffix) of a NeMo adapter key; None if it is not an adapter key."""
     m = _LAYER_KEY.match(key)
     if m:
@@ -231,7 +231,7 @@ def gather_adapter(shards: dict, spec: AdapterSpec, tp: int | None = None, pp: i
             if isinstance(value, dict):
                 raise InputError("nested state dict (virtual pipeline chunks model_0, model_1, ...?): only plain "
                                  "per-rank adapter dicts are supported", path=path, key=key)
-            parsed = _layer_rank_key(key)
+            parsed = _parse_key(key)
             if parsed is None:
                 raise InputError("not an adapter key this exporter recognises", path=path, key=key)
             local, suffix = parsed
