@@ -100,3 +100,54 @@ def read_jsonl(path):
 def outputs_by_path(manifest: dict) -> dict:
     """A manifest's output records keyed by their (run-dir relative) path."""
     return {r["path"]: r for r in manifest["outputs"]}
+
+
+def tiny_base_config() -> dict:
+    """model_config.yaml of the shipped tiny base: the truth the figures tests assert derive from."""
+    from nemo_ft.nemo_archive import read_config
+
+    return read_config(REPO / "data" / "tiny" / "tiny_llama.nemo")
+
+
+def tiny_lora_params(targets, rank: int) -> int:
+    """LoRA parameters NeMo adds to the tiny base: per layer and target A [r, in] + B [out, r]."""
+    from nemo_ft.export import ModelSpec
+
+    s = ModelSpec.from_nemo_config(tiny_base_config())
+    shapes = {"attention_qkv": (s.hidden_size, s.qkv_size), "attention_dense": (s.q_size, s.hidden_size),
+              "mlp_fc1": (s.hidden_size, s.fc1_size), "mlp_fc2": (s.ffn_hidden_size, s.hidden_size)}
+    return s.num_layers * sum(rank * sum(shapes[t]) for t in targets)
+
+
+def tiny_token_ids(prompts) -> list:
+    """The tiny tokenizer's ids of each prompt (no BOS, as NeMo's SFT prompts)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=TOKENIZER)
+    return [sp.encode(p) for p in prompts]
+
+
+def model_probe(tmp_path, base, mode, inputs, adapter=None, parallel="cpu", nproc=1, max_new=16):
+    """tests/e2e/model_probe.py in its own process(es): a restored NeMo model's logits (mode=logits,
+    gathered over TP) or greedy generations (greedy: NeMo's KV-cache path, nocache: the reference loop)."""
+    path = tmp_path / f"inputs_{mode}.json"
+    path.write_text(json.dumps(inputs))
+    args = [str(base), "--inputs", str(path), "--mode", mode, "--max-new", str(max_new),
+            "--run-dir", str(tmp_path / f"probe_{mode}_{nproc}"), f"parallel={parallel}"]
+    if adapter:
+        args += ["--adapter", str(adapter)]
+    script = str(REPO / "tests" / "e2e" / "model_probe.py")
+    cmd = [sys.executable, script, *args] if nproc == 1 else \
+        [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(_free_port()), script, *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def max_abs_diff(a, b) -> float:
+    """max |a - b| over nested lists (per prompt: prompts may differ in length) or tensors."""
+    import torch
+
+    if isinstance(a, list) and a and isinstance(a[0], list) and isinstance(a[0][0], list):
+        return max(max_abs_diff(x, y) for x, y in zip(a, b, strict=True))
+    return float((torch.as_tensor(a) - torch.as_tensor(b)).abs().max())

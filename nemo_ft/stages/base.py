@@ -40,17 +40,20 @@ def tokenizer_lines(files: list[str]) -> list[str]:
 
 
 def train_tokenizer(text_files: list[str], out_prefix: Path, vocab_size: int) -> Path:
-    """A BPE SentencePiece model with byte fallback (no <unk> for any UTF-8), deterministic.
-
-    "\\n" is a piece of its own: SentencePiece's default normalizer would turn it into a space, and
-    NeMo's chat dataset, which ends every speaker name with "\\n" and measures the header by
-    tokenizing it, then masks one token too few per turn (it trains the last piece of "Assistant").
-    Llama's tokenizers keep newlines too."""
+    """A BPE SentencePiece model with byte fallback (no <unk> for any UTF-8), deterministic, normalized
+    the way Llama 2's is (identity, whitespace kept, a dummy prefix "▁"):
+    - so that Hugging Face's LlamaTokenizer(Fast) converted from it encodes exactly as NeMo's
+      SentencePieceTokenizer does (the export's hf_base/ tokenizer; tested on every sample string):
+      SentencePiece's default nmt_nfkc normalizer and whitespace collapsing have no HF equivalent;
+    - so that "\\n" survives (a piece, or its byte): the default normalizer turns it into a space, and
+      NeMo's chat dataset, which ends every speaker name with "\\n" and measures the header by
+      tokenizing it, then masks one token too few per turn."""
     import sentencepiece as spm
 
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(tokenizer_lines(text_files)), model_prefix=str(out_prefix), vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, character_coverage=1.0, split_digits=True, num_threads=1, user_defined_symbols=["\n"],
+        byte_fallback=True, character_coverage=1.0, split_digits=True, num_threads=1,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, input_sentence_size=0, shuffle_input_sentence=False,
         minloglevel=2, hard_vocab_limit=False)
     return out_prefix.with_suffix(".model")

@@ -5,12 +5,12 @@ import tarfile
 import pytest
 
 from nemo_ft.nemo_archive import adapter_tensors
-from tests.conftest import SFT_FAST, read_metrics, run_stage
+from tests.conftest import SFT_FAST, read_metrics, run_stage, tiny_lora_params
 
 pytestmark = pytest.mark.e2e
 
-# LoRA r=32 on attention_qkv of the tiny base: per layer A is 64x32, B is 32x(4+2*2)*16.
-TINY_LORA_QKV_R32 = 2 * (64 * 32 + 32 * 128)
+# LoRA r=32 on attention_qkv of the tiny base (conf/peft/lora.yaml): per layer A [32, h], B [qkv, 32].
+TINY_LORA_QKV_R32 = tiny_lora_params(["attention_qkv"], 32)
 
 
 def assert_same_curves(run_a, run_b, tol=1e-4):

@@ -1,7 +1,7 @@
 """Bad SFT configs end with one readable message naming the key, exit 2, no traceback, no model built."""
 import pytest
 
-from tests.conftest import REPO, run_stage
+from tests.conftest import REPO, run_stage, tiny_base_config
 
 CASES = [
     # (overrides, key the message must name, words it must contain)
@@ -15,7 +15,7 @@ CASES = [
     (["model.restore_from_path=/nonexistent/base.nemo"], "model.restore_from_path", "file not found"),
     (["model.peft.lora_tuning.target_modules=[attention_qkv,q_proj]"], "model.peft.lora_tuning.target_modules",
      "q_proj"),
-    (["model.hidden_size=4096"], "model.hidden_size", "was built with 64"),
+    (["model.hidden_size=4096"], "model.hidden_size", f"was built with {tiny_base_config()['hidden_size']}"),
     (["model.pipeline_model_parallel_size=3", "trainer.devices=3"], "model.pipeline_model_parallel_size",
      "does not divide num_layers=2"),
     (["model.data.train_ds.packed_sequence=true"], "model.micro_batch_size", "micro_batch_size=1"),

@@ -22,6 +22,9 @@ def test_conf_defaults_retrain_the_shipped_tokenizer(tmp_path):
     ours, theirs = spm.SentencePieceProcessor(model_file=str(model)), spm.SentencePieceProcessor(model_file=str(shipped))
     text = "Question: What is the capital of Peru?\nAnswer: Lima. Ünïcode 東京 3+4=7"
     assert ours.encode(text) == theirs.encode(text)
+    # Newlines and spaces survive a round trip (NeMo's chat masks count "\n"; HF's Llama tokenizer keeps them).
+    for s in ("a\nb", "Question: X?\nAnswer:", "  two  spaces", "\n\nlead"):
+        assert theirs.decode(theirs.encode(s)) == s
     # Why the SFT samples are in the recipe: without them the prompt's words fall apart into bytes.
     pretrain_only = train_tokenizer([cfg.tokenizer.text_files[0]], tmp_path / "pretrain_only", int(cfg.tokenizer.vocab_size))
     prompt = "Question: What is the capital of Peru?\nAnswer:"

@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 
 from nemo_ft.config import ConfigError
 from nemo_ft.paths import CONF_DIR, REPO_ROOT
+from tests.conftest import tiny_base_config, tiny_lora_params
 from nemo_ft.plan import (Layout, Mode, check_fits, count_trainable, estimate, hf_lora_count, model_shape, search,
                           throughput_score)
 from nemo_ft.plan import memory as M
@@ -39,23 +40,27 @@ def test_full_model_sizes_match_published_counts():
 
 
 def test_tiny_model_trainable_counts_follow_nemo_shapes():
-    # tiny: h=64, 4 heads x 16, 2 query groups -> fused qkv out (4+2*2)*16=128; ffn 172 (fast-swiglu).
+    # The shapes NeMo builds, from the shipped base's own config (fused qkv out = (heads + 2 groups) x
+    # head_dim; fc1 out = 2 x ffn for fast-swiglu), so a rebuilt base needs no edit here.
+    t = tiny_base_config()
+    h, ffn, layers, groups = t["hidden_size"], t["ffn_hidden_size"], t["num_layers"], t["num_query_groups"]
+    kv = h // t["num_attention_heads"]
+    qkv = (t["num_attention_heads"] + 2 * groups) * kv
     base = cfg("model=tiny", "peft=lora")  # conf/peft/lora.yaml: attention_qkv, r=32
-    assert count_trainable(base) == 2 * 32 * (64 + 128)
+    assert count_trainable(base) == layers * 32 * (h + qkv) == tiny_lora_params(["attention_qkv"], 32)
     every = cfg("model=tiny", "peft=lora", "model.peft.lora_tuning.target_modules=[all]",
                 "model.peft.lora_tuning.adapter_dim=8")
-    # NeMo doubles the mlp_fc1 adapter's out width for fast-swiglu: 2*172.
-    assert count_trainable(every) == 2 * 8 * ((64 + 128) + (64 + 64) + (64 + 344) + (172 + 64))
-    # Full fine-tuning: embeddings V x 64 twice (untied; V = tokenizer vocab padded to 64), per layer
-    # qkv 64x128 + proj 64x64 + fc1 64x344 + fc2 172x64 + two RMSNorm weights, final norm. With the
-    # shipped 512-token tokenizer this is 156,480, the tensor sizes in data/tiny/tiny_llama.nemo.
+    # NeMo doubles the mlp_fc1 adapter's out width for fast-swiglu: 2 x ffn.
+    assert count_trainable(every) == layers * 8 * ((h + qkv) + (h + h) + (h + 2 * ffn) + (ffn + h))
+    # Full fine-tuning: embeddings V x h twice (untied; V = tokenizer vocab padded to 64), per layer
+    # qkv + proj + fc1 + fc2 + two RMSNorm weights, final norm: the tensor sizes in tiny_llama.nemo.
     vocab = -(-cfg("model=tiny").model.vocab_size // 64) * 64
-    layer = 64 * 128 + 64 * 64 + 64 * 344 + 172 * 64 + 2 * 64
-    assert count_trainable(cfg("model=tiny", "peft=none")) == 2 * vocab * 64 + 2 * layer + 64
-    assert count_trainable(cfg("model=tiny", "peft=ia3")) == 2 * (2 * 2 * 16 + 172)
-    assert count_trainable(cfg("model=tiny", "peft=adapter")) == 2 * 2 * (2 * 64 * 32 + 2 * 64)
-    # p-tuning: Embedding(10, 64) + 64->64 (+bias) + 64->64 (+bias)
-    assert count_trainable(cfg("model=tiny", "peft=ptuning")) == 10 * 64 + (64 * 64 + 64) + (64 * 64 + 64)
+    layer = h * qkv + h * h + h * 2 * ffn + ffn * h + 2 * h
+    assert count_trainable(cfg("model=tiny", "peft=none")) == 2 * vocab * h + layers * layer + h
+    assert count_trainable(cfg("model=tiny", "peft=ia3")) == layers * (2 * groups * kv + ffn)
+    assert count_trainable(cfg("model=tiny", "peft=adapter")) == layers * 2 * (2 * h * 32 + 2 * h)
+    # p-tuning (conf/peft/ptuning.yaml): Embedding(10, 64) + 64->64 (+bias) + 64->h (+bias)
+    assert count_trainable(cfg("model=tiny", "peft=ptuning")) == 10 * 64 + (64 * 64 + 64) + (64 * h + h)
 
 
 def test_vocab_padding_depends_on_tp():

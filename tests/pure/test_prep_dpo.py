@@ -35,10 +35,12 @@ def aligner_check(encode, row, seq_length, eos_id=None):
 
 # ---------------------------------------------------------------- task=dpo
 
+# Row 4 (a zero-width-space answer) holds with the Llama-style tokenizer (identity normalization: the
+# character is kept, as bytes); SentencePiece's old nmt_nfkc normalizer removed it, breaking the prefix.
 DPO_GOLDEN = {  # (dpo.prefix_mismatch, over_length) -> (accepted, fixed, truncated, rejects {line: reason})
-    ("fix", "truncate"): (4, 2, 1, {4: "dpo_prompt_not_token_prefix", 6: "dpo_over_length"}),
-    ("reject", "reject"): (1, 0, 0, {2: "dpo_prompt_not_token_prefix", 3: "dpo_prompt_not_token_prefix",
-                                     4: "dpo_prompt_not_token_prefix", 5: "dpo_over_length", 6: "dpo_over_length"}),
+    ("fix", "truncate"): (5, 2, 1, {6: "dpo_over_length"}),
+    ("reject", "reject"): (2, 0, 0, {2: "dpo_prompt_not_token_prefix", 3: "dpo_prompt_not_token_prefix",
+                                     5: "dpo_over_length", 6: "dpo_over_length"}),
 }
 
 
@@ -80,6 +82,35 @@ def test_dpo_fix_prepends_one_space_and_truncation_keeps_the_prompts_end(tmp_pat
     assert raw[4]["prompt"].endswith(cut["prompt"]) and cut["prompt"] != raw[4]["prompt"]
     assert cut["prompt"].endswith("\nQuestion: Last word?\nAnswer:")  # original text: newlines kept
     assert cut["prompt"].startswith("word")  # cut at a word start
+
+
+class _MergesAcrossSpaces:
+    """A tokenizer (one id per character) that glues "!" and the spaces before it to the character
+    before those: a mismatch no leading space can fix. SentencePiece always splits at a space."""
+    eos_id = 0
+
+    def encode(self, text):
+        ids = []
+        for i, ch in enumerate(text):
+            if ch == "!" and text[:i].rstrip():
+                while ids and ids[-1] == ord(" "):
+                    ids.pop()
+                ids[-1] += 1000
+            else:
+                ids.append(ord(ch))
+        return ids
+
+
+def test_dpo_prefix_a_space_cannot_fix_is_rejected_with_its_reason():
+    from nemo_ft.data.errors import RowReject
+    from nemo_ft.data.tokenize import fit_dpo
+
+    row = {"prompt": "Say it:", "chosen_response": "!", "rejected_response": " no."}
+    with pytest.raises(RowReject) as err:
+        fit_dpo(_MergesAcrossSpaces(), row, 64, truncate=True, fix=True)
+    assert err.value.reason == "dpo_prompt_not_token_prefix" and "a leading space does not fix it" in err.value.detail
+    fixed, _, _, was_fixed = fit_dpo(_MergesAcrossSpaces(), {**row, "chosen_response": "yes!"}, 64, True, True)
+    assert not was_fixed and fixed["chosen_response"] == "yes!"  # holds as given: untouched
 
 
 def test_dpo_append_eod_counts_the_eos(tmp_path):

@@ -4,6 +4,9 @@ from omegaconf import OmegaConf
 from nemo_ft.config.validate import fill_defaults, validate_sft
 from nemo_ft.nemo_archive import read_config
 from nemo_ft.paths import REPO_ROOT
+from tests.conftest import tiny_base_config
+
+TINY = tiny_base_config()
 
 
 def _cfg(**model):
@@ -13,7 +16,7 @@ def _cfg(**model):
         "model": {
             "restore_from_path": str(REPO_ROOT / "data/tiny/tiny_llama.nemo"),
             "tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
-            "num_attention_heads": 4, "num_query_groups": 2, "num_layers": 2, "hidden_size": 64,
+            **{k: TINY[k] for k in ("num_attention_heads", "num_query_groups", "num_layers", "hidden_size")},
             "micro_batch_size": 4, "global_batch_size": 8, "max_position_embeddings": 128,
             "optim": {"name": "adam"},
             "peft": {"peft_scheme": "lora", "lora_tuning": {"adapter_dim": 8, "target_modules": ["attention_qkv"]}},
@@ -41,7 +44,7 @@ def test_each_bad_value_names_its_key():
         "trainer.devices", "model.tensor_model_parallel_size", "model.tensor_model_parallel_size"]
     assert "model.global_batch_size" in keys(_cfg(**{"model.global_batch_size": 6}))
     assert "model.num_layers" not in keys(_cfg())
-    assert keys(_cfg(**{"model.hidden_size": 128})) == ["model.hidden_size"]
+    assert keys(_cfg(**{"model.hidden_size": TINY["hidden_size"] * 2})) == ["model.hidden_size"]
     assert keys(_cfg(**{"model.peft.lora_tuning.adapter_dim": 0})) == ["model.peft.lora_tuning.adapter_dim"]
     assert keys(_cfg(**{"model.data.train_ds.concat_sampling_probabilities": [0.5, 0.5]})) == [
         "model.data.train_ds.concat_sampling_probabilities"]
@@ -56,4 +59,5 @@ def test_fill_defaults_clamps_validation_interval_and_fills_probabilities():
 
 def test_reads_the_config_inside_a_nemo():
     conf = read_config(REPO_ROOT / "data/tiny/tiny_llama.nemo")
-    assert conf["hidden_size"] == 64 and conf["num_query_groups"] == 2 and conf["activation"] == "fast-swiglu"
+    assert conf["hidden_size"] == 128 and conf["num_query_groups"] == 2 and conf["activation"] == "fast-swiglu"
+    assert conf["hidden_size"] // conf["num_attention_heads"] == 32  # head_dim vLLM's CPU attention serves

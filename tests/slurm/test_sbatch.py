@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, read_metrics
+from tests.conftest import REPO, read_metrics, tiny_lora_params
 
 def _slurm_ready() -> bool:
     if not shutil.which("sbatch"):
@@ -37,7 +37,7 @@ def test_sbatch_tp2_with_two_srun_tasks(tmp_path):
     assert "2 task(s)" in log
     train, _ = read_metrics(tmp_path / "run")
     assert len(train) == 10 and train[-1]["reduced_train_loss"] < train[0]["reduced_train_loss"]
-    assert "12288 params in 2 file(s)" in log
+    assert f"{tiny_lora_params(['attention_qkv'], 32)} params in 2 file(s)" in log
 
 
 def test_sbatch_task_count_mismatch_fails_before_anything_starts(tmp_path):
