@@ -7,12 +7,16 @@ STAGES = {
     "prep": "validate, normalize, deduplicate, mix, split and pack JSONL data",
     "sft": "LoRA (or another NeMo PEFT scheme) supervised fine-tuning",
     "plan": "per-GPU memory estimate and parallel layout search, before any job starts",
+    "export": "adapter (any TP/PP) -> TP=1 .nemo, HF-PEFT, HF base, merged, NIM/Triton/vLLM layouts",
+    "import": "a Hugging Face Llama-family checkpoint -> a base .nemo",
 }
+# A stage whose module name differs from its command (`import` is a Python keyword).
+MODULES = {"import": "import_hf"}
 
 
 def usage() -> str:
     lines = ["usage: nemo-ft <stage> [hydra overrides...]", "", "stages:"]
-    lines += [f"  {name:<6} {text}" for name, text in STAGES.items()]
+    lines += [f"  {name:<7} {text}" for name, text in STAGES.items()]
     return "\n".join(lines)
 
 
@@ -26,7 +30,7 @@ def main(argv=None) -> int:
         print(f"nemo-ft: unknown stage {stage!r}\n\n{usage()}", file=sys.stderr)
         return 2
     try:
-        module = importlib.import_module(f"nemo_ft.stages.{stage}")
+        module = importlib.import_module(f"nemo_ft.stages.{MODULES.get(stage, stage)}")
     except ModuleNotFoundError as err:
         if err.name and err.name.startswith("nemo_ft.stages"):
             print(f"nemo-ft: stage {stage!r} is not implemented yet", file=sys.stderr)

@@ -185,8 +185,10 @@ class NemoArchive:
         if WEIGHTS in per_rank:
             raise self._error(f"mixes a root {WEIGHTS} with per-rank folders")
         ranks = [rank_of(n) for n in per_rank]
-        tp = 1 + max(t for t, _ in ranks)
-        pp = 1 + max(p for _, p in ranks)
+        conf = self.config() if CONFIG in self._members else {}
+        # The config says how many ranks saved it; the folders may be fewer (a lost shard).
+        tp = max(1 + max(t for t, _ in ranks), int(conf.get("tensor_model_parallel_size") or 1))
+        pp = max(1 + max(p for _, p in ranks), int(conf.get("pipeline_model_parallel_size") or 1))
         kind = "tp_pp" if PurePosixPath(per_rank[0]).parts[0].startswith("tp_rank_") else "mp_rank"
         missing = sorted(set((t, p) for t in range(tp) for p in range(pp)) - set(ranks))
         if missing:
@@ -349,3 +351,30 @@ def adapter_tensors(path) -> dict[str, dict]:
     """{weight file member: {key: tensor}} of an adapter .nemo (loaded weights_only)."""
     with NemoArchive(path) as archive:
         return archive.tensors()
+
+
+def write_adapter(path, config: dict, state: dict) -> Path:
+    """A PEFT .nemo as NeMo's save_to writes one at TP=1 PP=1: ./model_config.yaml + ./model_weights.ckpt
+    (torch.save of {key: tensor}). Written to a temp name and renamed."""
+    import os
+
+    import torch
+
+    from nemo_ft.artifacts import temp_path
+
+    path = Path(path)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    members = ((CONFIG, yaml.safe_dump(config, sort_keys=False).encode()), (WEIGHTS, buf.getvalue()))
+    tmp = temp_path(path)
+    try:
+        with tarfile.open(tmp, "w") as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(f"./{name}")
+                info.size, info.mode = len(data), 0o644
+                tar.addfile(info, io.BytesIO(data))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

@@ -24,7 +24,12 @@ $PY -m nemo_ft.stages.sft run.dir="$OUT/sft" trainer.max_steps=120 trainer.val_c
   "model.data.train_ds.file_names=[$TRAIN]" "model.data.validation_ds.file_names=[$VAL]" \
   2>&1 | grep -E '^\[nemo-ft|error|Error' || { echo "sft failed; see $OUT/sft/nemo/nemo_log_globalrank-0_localrank-0.txt"; exit 1; }
 
+say "export: TP=1 .nemo, HF base + HF-PEFT, merged, NIM/vLLM/Triton layouts -> $OUT/export"
+$PY -m nemo_ft.stages.export from_run="$OUT/sft" out_dir="$OUT/export" merge=true \
+  2>&1 | grep -E '^\[nemo-ft|error|Error' || { echo "export failed"; exit 1; }
+
 say "done"
 echo "  adapter:        $OUT/sft/adapter.nemo"
 echo "  loss curves:    $OUT/sft/loss.png   (TensorBoard: tensorboard --logdir $OUT/sft/nemo)"
-echo "  manifest:       $OUT/sft/manifest.json"
+echo "  export:         $OUT/export/{adapter_tp1.nemo,hf_base,hf_peft,merged,nim}  (how to serve: $OUT/export/serving.md)"
+echo "  manifests:      $OUT/*/manifest.json"

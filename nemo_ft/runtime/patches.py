@@ -1,6 +1,7 @@
 """Every change nemo-ft makes to NeMo, megatron-core or torch, declared in one list.
 
-Two kinds:
+Three kinds:
+- HF_FIXES: what transformers needs beside NeMo's pins (the export stage's tokenizer conversion).
 - NEMO_FIXES: bugs of nemo_toolkit 2.4.1 + megatron-core 0.13.1 that bite on a GPU too (the NGC
   container included); applied everywhere, each only where the bug is present.
 - CPU_PATCHES: what NeMo needs to run its real training path on a CPU (gloo, fp32); applied only
@@ -448,6 +449,10 @@ CPU_PATCHES = [
     Patch("torch.cuda:current_device", "device=torch.cuda.current_device() -> cpu", _cpu_device),
     Patch("torch.cuda:synchronize", "pipeline schedules synchronize the device", _noop),
     Patch("torch.cuda:LongTensor", "NeMo builds index tensors with torch.cuda.LongTensor", lambda _o: __import__("torch").LongTensor),
+    Patch("torch.cuda:FloatTensor", "NeMo's generate sends its settings as a torch.cuda.FloatTensor on every call",
+          lambda _o: __import__("torch").FloatTensor),
+    Patch("torch.cuda:ByteTensor", "NeMo's generate marks finished rows with torch.cuda.ByteTensor (PP > 1)",
+          lambda _o: __import__("torch").ByteTensor),
     Patch("torch.cuda:Stream", "NeMo/megatron create side streams", lambda _o: _NullStream),
     Patch("torch.cuda:stream", "stream context manager", lambda _o: lambda *a, **k: contextlib.nullcontext()),
     Patch("torch.cuda:current_stream", "current stream", lambda _o: lambda *a, **k: _NullStream()),
@@ -472,4 +477,24 @@ CPU_PATCHES = [
           "hard-coded device='cuda' when broadcasting a batch over TP ranks", _on_cpu),
     Patch("nemo.collections.nlp.modules.common.megatron.megatron_init:_set_random_seed",
           "NeMo seeds megatron-core's RNG tracker only when a GPU is present", _seed_tracker_too),
+]
+
+
+# --------------------------------------------------------------------------- transformers beside NeMo's pins
+
+def _transformers_own_pb2(_original):
+    # transformers converts a SentencePiece model to its fast tokenizer.json by parsing the model's
+    # protobuf with sentencepiece's bundled sentencepiece_model_pb2, which sentencepiece 0.2.x generated
+    # for a newer protobuf than NeMo's pin (protobuf 5.29: "Detected incompatible Protobuf Gencode/Runtime
+    # versions"). transformers ships the same message definitions generated for protobuf >= 4: use those.
+    def import_protobuf(error_message=""):
+        from transformers.utils import sentencepiece_model_pb2_new
+        return sentencepiece_model_pb2_new
+    return import_protobuf
+
+
+HF_FIXES = [
+    Patch("transformers.convert_slow_tokenizer:import_protobuf",
+          "sentencepiece's bundled pb2 needs a newer protobuf than NeMo pins; transformers has its own",
+          _transformers_own_pb2),
 ]

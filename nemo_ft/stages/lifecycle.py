@@ -28,6 +28,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,9 +241,12 @@ def _detect_gpu() -> Optional[str]:
 
 def start(stage: str, cfg: DictConfig, *, checks: Callable[..., list],
           derive: Optional[Callable[[DictConfig], list]] = None, nemo_inputs: Iterable[str] = (),
-          plan: bool = False) -> StageRun:
+          plan: bool = False, fresh_dir: bool = False) -> StageRun:
     """Steps 1-6 of the module docstring; raises StageErrors (exit 2) before anything is started."""
-    notes = list(derive(cfg) if derive else [])
+    try:
+        notes = list(derive(cfg) if derive else [])
+    except (ConfigError, InputError) as err:  # e.g. an upstream manifest that cannot be read
+        raise StageErrors([err]) from None
     OmegaConf.set_readonly(cfg, True)
     errors, bad = check_nemo_inputs(cfg, nemo_inputs)
     errors += list(checks(cfg, skip=bad))
@@ -261,6 +265,8 @@ def start(stage: str, cfg: DictConfig, *, checks: Callable[..., list],
         except ConfigError as err:
             raise StageErrors([err]) from None
     run_dir = Path(cfg.run.dir).resolve()
+    if fresh_dir and is_rank_zero():  # a scratch dir of the stage's own (e.g. export's temp dir): start empty
+        shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics = run_dir / cfg.run.metrics_file
     resuming = bool(cfg.exp_manager.resume_if_exists) and _has_checkpoint(run_dir)

@@ -13,7 +13,7 @@ os.environ.setdefault("NVIDIA_PYTORCH_VERSION", "24.07")
 
 from nemo_ft.runtime import patches  # noqa: E402
 
-ALL = patches.NEMO_FIXES + patches.CPU_PATCHES
+ALL = patches.NEMO_FIXES + patches.CPU_PATCHES + patches.HF_FIXES
 
 
 @pytest.mark.parametrize("patch", ALL, ids=[p.target for p in ALL])
@@ -101,3 +101,17 @@ def test_packed_rope_in_one_pass_equals_megatrons_per_example_loop():
     got = fast(t, cu, freqs, cp_group=OneRank())
     torch.testing.assert_close(got[7:8], fast(t[7:8], torch.tensor([0, 1]), freqs, cp_group=OneRank()))
     assert not torch.allclose(got[7:8], fast(t, torch.tensor([0, 40]), freqs, cp_group=OneRank())[7:8])
+
+
+def test_hf_fix_lets_transformers_convert_the_tiny_tokenizer_beside_nemos_protobuf():
+    """Without the fix the conversion fails on sentencepiece's bundled pb2 (protobuf gencode/runtime)."""
+    import sentencepiece as spm
+
+    from nemo_ft.paths import DATA_DIR
+    patches.apply(patches.HF_FIXES)
+    from transformers.convert_slow_tokenizer import import_protobuf
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString((DATA_DIR / "tiny" / "tokenizer.model").read_bytes())
+    sp = spm.SentencePieceProcessor(model_file=str(DATA_DIR / "tiny" / "tokenizer.model"))
+    assert len(proto.pieces) == sp.get_piece_size() and proto.pieces[5].piece == sp.id_to_piece(5)
+    assert proto.normalizer_spec.name == "identity"  # the Llama-style recipe HF's converter reproduces
