@@ -331,11 +331,17 @@ def nemo_config_from_hf(hf: dict) -> dict:
     def refuse(key, why):
         raise ConfigError(key, f"{why} (HF config.json)")
 
-    if hf.get("model_type") != "llama":
-        refuse("model_type", f"{hf.get('model_type')!r}: only llama is supported")
+    kind = hf.get("model_type")
+    if kind not in ("llama", "mistral"):
+        refuse("model_type", f"{kind!r}: only llama and mistral are supported")
     archs = hf.get("architectures") or ["LlamaForCausalLM"]
-    if "LlamaForCausalLM" not in archs:
-        refuse("architectures", f"{archs}: only LlamaForCausalLM is supported")
+    if not {"LlamaForCausalLM", "MistralForCausalLM"} & set(archs):
+        refuse("architectures", f"{archs}: only LlamaForCausalLM and MistralForCausalLM are supported")
+    # Mistral is Llama's layout with sliding-window attention; a window that covers the whole context
+    # (Mistral v0.2+: null) is plain causal attention, which is what NeMo's GPT computes.
+    window = hf.get("sliding_window")
+    if kind == "mistral" and window is not None and int(window) < int(hf.get("max_position_embeddings", 0)):
+        refuse("sliding_window", f"{window} < max_position_embeddings: NeMo's GPT here has no sliding-window attention")
     if hf.get("hidden_act", "silu") != "silu":
         refuse("hidden_act", f"{hf.get('hidden_act')!r}: NeMo's fast-swiglu is SiLU-gated")
     if hf.get("attention_bias", False):

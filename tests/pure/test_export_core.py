@@ -594,13 +594,21 @@ def test_hf_config_refuses_nemo_features_llama_lacks(change, key):
 @pytest.mark.parametrize("change, key", [
     ({"attention_bias": True}, "attention_bias"), ({"mlp_bias": True}, "mlp_bias"),
     ({"hidden_act": "gelu"}, "hidden_act"), ({"rope_scaling": {"rope_type": "yarn", "factor": 4}}, "rope_scaling"),
-    ({"model_type": "mistral"}, "model_type"), ({"architectures": ["MistralForCausalLM"]}, "architectures"),
+    ({"model_type": "gpt2"}, "model_type"), ({"architectures": ["GPT2LMHeadModel"]}, "architectures"),
+    ({"model_type": "mistral", "sliding_window": 4096, "max_position_embeddings": 32768}, "sliding_window"),
 ])
 def test_nemo_config_from_hf_refuses_unsupported(change, key):
     hf = dict(hf_llama_config(nemo_cfg(), vocab_size=512), **change)
     with pytest.raises(ConfigError) as err:
         nemo_config_from_hf(hf)
     assert err.value.key == key
+
+
+def test_mistral_without_a_short_sliding_window_is_llama():
+    llama = hf_llama_config(nemo_cfg(), vocab_size=512)
+    for window in (None, llama["max_position_embeddings"]):
+        mistral = dict(llama, model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=window)
+        assert nemo_config_from_hf(mistral) == nemo_config_from_hf(llama)
 
 
 # ------------------------------------------------------------------------------------------------ HF PEFT
