@@ -4,6 +4,13 @@ A tiny closed world of facts (capitals, opposites, sums, colours, animal sounds)
 plain sentences to pretrain the tiny base on, and question/answer pairs for SFT. A model with
 hidden size 64 can learn it in a few hundred CPU steps, so the demo's loss curves mean something.
 
+Those Q/A pairs are memorization: a held-out question is a new fact no adapter can know. The
+lookup task (lookup_*.jsonl) is one the tiny base can learn and generalize: read a field out of the
+prompt ("Name: Italy. Town: Lima.\nTown?" -> " Lima."). Held-out rows are (name, town) pairings
+never seen in training, and every held-out town was seen as an answer in training: "held-out"
+means unseen combinations of seen items, not unseen words (an adapter cannot copy words it never
+produced; ../shared/NEMO_CPU.md).
+
     python data/make_sample.py   # rewrites data/sample/*
 """
 import json
@@ -73,6 +80,42 @@ def main(out=Path(__file__).parent / "sample"):
             for row in part:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
     print(f"wrote {len(lines)} pretraining lines and {len(qa)} SFT rows ({n_val} validation) to {out}")
+    write_lookup(out)
+
+
+def lookup_row(rng, name, town):
+    fields = [f"Name: {name}.", f"Town: {town}."]
+    rng.shuffle(fields)  # the fields in either order: the adapter must read, not count
+    return {"input": " ".join(fields) + "\nTown?", "output": f" {town}."}
+
+
+def lookup_split(rng, n_train=240, n_validation=20, n_test=40, max_alike=2):
+    """(train, validation, test) lookup rows: pairings disjoint across splits, no country with its real
+    capital (the base knows those facts), each held-out town at most `max_alike` times and seen as a
+    training answer."""
+    pairs = [(n, t) for n in CAPITALS for t in CAPITALS.values() if CAPITALS[n] != t and t != "Mexico City"]
+    rng.shuffle(pairs)
+    held, used = {"validation": [], "test": []}, {}
+    for pair in pairs:
+        for split, want in (("test", n_test), ("validation", n_validation)):
+            if len(held[split]) < want and used.get((split, pair[1]), 0) < max_alike:
+                held[split].append(pair)
+                used[(split, pair[1])] = used.get((split, pair[1]), 0) + 1
+                break
+    taken = set(held["test"]) | set(held["validation"])
+    train = [p for p in pairs if p not in taken][:n_train]
+    answers = {t for _, t in train}
+    assert all(t in answers for _, t in taken), "a held-out town never appears as a training answer"
+    return ([lookup_row(rng, *p) for p in train], [lookup_row(rng, *p) for p in held["validation"]],
+            [lookup_row(rng, *p) for p in held["test"]])
+
+
+def write_lookup(out):
+    rng = random.Random(4321)  # its own stream: the files above stay byte for byte what they were
+    for name, rows in zip(("train", "validation", "test"), lookup_split(rng)):
+        with open(out / f"lookup_{name}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    print(f"wrote the lookup task (lookup_train/validation/test.jsonl) to {out}")
 
 
 if __name__ == "__main__":
