@@ -8,28 +8,38 @@ rm -rf "$OUT"
 mkdir -p "$OUT"
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-if [ -f nemo_ft/stages/prep.py ]; then
-  say "prep: validate, normalize, dedup, split the shipped sample data -> $OUT/prep"
-  $PY -m nemo_ft.stages.prep out_dir="$OUT/prep" "template.prompt_template='{input}{output}'" \
-    'inputs=[{path: data/sample/sft_train.jsonl, weight: 0.857}, {path: data/sample/sft_validation.jsonl, weight: 0.143}]' \
-    split.train=0.8 split.validation=0.15 split.test=0.05 seq_length=128  # the tiny model's context
-  TRAIN="$OUT/prep/train.jsonl"; VAL="$OUT/prep/validation.jsonl"
-else
-  TRAIN=data/sample/sft_train.jsonl; VAL=data/sample/sft_validation.jsonl
-fi
+say "prep: the lookup task (learnable, held-out = unseen pairings) + a general share -> $OUT/prep"
+INPUTS="{path: data/sample/lookup_train.jsonl, weight: 0.8, split: train}"
+INPUTS+=", {path: data/sample/lookup_validation.jsonl, split: validation}"
+INPUTS+=", {path: data/sample/lookup_test.jsonl, split: test}"
+INPUTS+=", {path: data/sample/sft_train.jsonl, weight: 0.2, general: true}"  # held-out share: eval's forgetting slice
+$PY -m nemo_ft.stages.prep out_dir="$OUT/prep" "template.prompt_template='{input}{output}'" progress=false \
+  "inputs=[$INPUTS]" split.train=0.7 split.validation=0.15 split.test=0.15 seq_length=128  # the tiny model's context
 
-say "sft: LoRA on the tiny Llama base (data/tiny/tiny_llama.nemo), TP=1 on CPU -> $OUT/sft"
-$PY -m nemo_ft.stages.sft run.dir="$OUT/sft" trainer.max_steps=120 trainer.val_check_interval=20 \
-  trainer.enable_progress_bar=false \
-  "model.data.train_ds.file_names=[$TRAIN]" "model.data.validation_ds.file_names=[$VAL]" \
+say "sft: LoRA on all four targets of the tiny Llama base (data/tiny/tiny_llama.nemo), TP=1 on CPU -> $OUT/sft"
+$PY -m nemo_ft.stages.sft run.dir="$OUT/sft" trainer.max_steps=200 trainer.val_check_interval=50 \
+  trainer.enable_progress_bar=false 'model.peft.lora_tuning.target_modules=[all]' \
+  model.peft.lora_tuning.adapter_dim=16 model.optim.lr=3e-3 \
+  "model.data.train_ds.file_names=[$OUT/prep/train.jsonl]" "model.data.validation_ds.file_names=[$OUT/prep/validation.jsonl]" \
   2>&1 | grep -E '^\[nemo-ft|error|Error' || { echo "sft failed; see $OUT/sft/nemo/nemo_log_globalrank-0_localrank-0.txt"; exit 1; }
 
 say "export: TP=1 .nemo, HF base + HF-PEFT, merged, NIM/vLLM/Triton layouts -> $OUT/export"
 $PY -m nemo_ft.stages.export from_run="$OUT/sft" out_dir="$OUT/export" merge=true \
   2>&1 | grep -E '^\[nemo-ft|error|Error' || { echo "export failed"; exit 1; }
 
+say "eval: base vs adapter on the 40 held-out rows, gates -> $OUT/eval"
+$PY -m nemo_ft.stages.eval from_run="$OUT/export" out_dir="$OUT/eval" \
+  "eval.heldout='The 40 test rows pair names and towns that never appear together in training; every town was seen as an answer in training: held-out means unseen combinations of seen items, not unseen words.'" \
+  2>&1 | grep -E '^\[nemo-ft|^nemo-ft|error|Error' || true
+test -f "$OUT/eval/report.json" || { echo "eval failed"; exit 1; }
+
+say "import: the exported hf_base/ back into a .nemo (what a team starting from HF weights runs) -> $OUT/import"
+$PY -m nemo_ft.stages.import_hf hf="$OUT/export/hf_base" out="$OUT/import/base.nemo" run.dir="$OUT/import" profile=tiny \
+  2>&1 | grep -E '^\[nemo-ft|error|Error' || { echo "import failed"; exit 1; }
+
 say "done"
 echo "  adapter:        $OUT/sft/adapter.nemo"
 echo "  loss curves:    $OUT/sft/loss.png   (TensorBoard: tensorboard --logdir $OUT/sft/nemo)"
 echo "  export:         $OUT/export/{adapter_tp1.nemo,hf_base,hf_peft,merged,nim}  (how to serve: $OUT/export/serving.md)"
+echo "  eval:           $OUT/eval/report.md  ($OUT/eval/metrics.png: the verdict)"
 echo "  manifests:      $OUT/*/manifest.json"

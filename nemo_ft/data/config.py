@@ -19,6 +19,9 @@ class InputSpec:
     weight: float = 1.0
     format: str = "auto"
     split: Optional[str] = None  # force every row of this input into one split
+    # General-domain data mixed into training to keep what the base knew: its rows that the split does
+    # not send to train go to general.jsonl (eval's forgetting slice), not to validation/test.
+    general: bool = False
 
 
 @dataclass
@@ -64,11 +67,16 @@ class PrepConfig:
                 item = {"path": item}
             if not isinstance(item, dict) or "path" not in item:
                 raise ConfigError(f"inputs[{i}]", f"expected a path or {{path: ..., weight: ...}}, got {item!r}")
-            unknown = set(item) - {"path", "weight", "format", "split"}
+            unknown = set(item) - {"path", "weight", "format", "split", "general"}
             if unknown:
-                raise ConfigError(f"inputs[{i}]", f"unknown keys {sorted(unknown)}; allowed: path, weight, format, split")
+                raise ConfigError(f"inputs[{i}]", f"unknown keys {sorted(unknown)}; allowed: path, weight, format, "
+                                                  "split, general")
             spec = InputSpec(path=str(item["path"]), weight=float(item.get("weight", 1.0)),
-                             format=item.get("format") or c.get("format") or "auto", split=item.get("split"))
+                             format=item.get("format") or c.get("format") or "auto", split=item.get("split"),
+                             general=bool(item.get("general", False)))
+            if spec.general and spec.split not in (None, "train"):
+                raise ConfigError(f"inputs[{i}].general", f"a general input trains and holds out its own rows; it "
+                                                          f"cannot also be forced into split={spec.split}")
             if not os.path.isfile(spec.path):
                 raise ConfigError(f"inputs[{i}].path", f"no such file: {spec.path}")
             if spec.format != "auto" and spec.format not in formats.FORMATS:

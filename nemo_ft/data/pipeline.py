@@ -206,13 +206,17 @@ class _Outputs:
     handles: dict
     rej_f: object
     stores: dict
+    general: Optional[str] = None  # general.jsonl when an input is general
+    tmp_general: Optional[str] = None
+    general_f: object = None
 
     def created(self) -> List[str]:
-        return list(self.tmp.values()) + [self.tmp_rejects, self.tmp_train_raw]
+        return list(self.tmp.values()) + [self.tmp_rejects, self.tmp_train_raw] + \
+            ([self.tmp_general] if self.tmp_general else [])
 
     def close(self) -> None:
-        for h in list(self.handles.values()) + [self.rej_f]:
-            if not h.closed:
+        for h in list(self.handles.values()) + [self.rej_f, self.general_f]:
+            if h is not None and not h.closed:
                 h.close()
 
 
@@ -226,8 +230,13 @@ def _open_outputs(cfg: PrepConfig) -> _Outputs:
     # Token ids of packed splits are spilled to a file: a few bytes a row stay in RAM.
     stores = {s: packing.SpillTokenStore(temp_path(os.path.join(cfg.out_dir, f"{s}.tokens")))
               for s in cfg.pack_splits} if cfg.pack else {}
-    return _Outputs(final, rejects, tmp, temp_path(rejects), tmp_train_raw, handles,
-                    open(temp_path(rejects), "w", encoding="utf-8"), stores)
+    out = _Outputs(final, rejects, tmp, temp_path(rejects), tmp_train_raw, handles,
+                   open(temp_path(rejects), "w", encoding="utf-8"), stores)
+    if any(s.general for s in cfg.inputs):
+        out.general = os.path.join(cfg.out_dir, "general.jsonl")
+        out.tmp_general = temp_path(out.general)
+        out.general_f = open(out.tmp_general, "w", encoding="utf-8")
+    return out
 
 
 @dataclass
@@ -269,6 +278,11 @@ def _stream_rows(cfg: PrepConfig, fmts: List[str], out: _Outputs, pool, nworkers
                                       encode_where(fi, r.lineno))
                     if dup is None:
                         split = spec.split or assign_split(r.key, cfg.split, cfg.split_seed)
+                        if spec.general and split != "train":  # held out for eval's forgetting slice
+                            out.general_f.write(r.line + "\n")
+                            pf.accepted += 1
+                            pf.splits["general"] += 1
+                            continue
                         out.handles[split].write(r.line + "\n")
                         pf.accepted += 1
                         pf.splits[split] += 1
@@ -301,6 +315,7 @@ def _account(cfg: PrepConfig, st: _Streamed, out: _Outputs) -> dict:
         assert p.lines == p.accepted + sum(p.rejected.values())
     assert counts_in == accepted + sum(rejected.values())
     split_counts = {s: sum(p.splits[s] for p in st.per_file) for s in SPLITS}
+    general = sum(p.splits["general"] for p in st.per_file)
     if accepted == 0:
         os.replace(out.tmp_rejects, out.rejects)
         raise PrepError(f"no examples left: all {counts_in} lines were rejected "
@@ -318,6 +333,7 @@ def _account(cfg: PrepConfig, st: _Streamed, out: _Outputs) -> dict:
         "truncated": sum(p.truncated for p in st.per_file),
         "dpo_prefix_fixed": sum(p.dpo_prefix_fixed for p in st.per_file),  # responses given a leading space
         "splits": split_counts,
+        "general_heldout": general,  # rows of general inputs written to general.jsonl instead of val/test
     }
 
 
@@ -427,6 +443,8 @@ def run_prep(cfg: PrepConfig, resolved_config: Optional[dict] = None, log=print)
         for s in SPLITS:
             os.replace(out.tmp[s], out.final[s])
         os.replace(out.tmp_rejects, out.rejects)
+        if out.general:
+            os.replace(out.tmp_general, out.general)
 
         pack_report, packed = _pack(cfg, out, mult, tok.eos_id) if cfg.pack else (None, [])
 
@@ -455,6 +473,7 @@ def run_prep(cfg: PrepConfig, resolved_config: Optional[dict] = None, log=print)
             "template": {k: getattr(cfg.template, k) for k in Template.__dataclass_fields__},
         }
         outputs = [*((s, p) for s, p in out.final.items()), ("rejects", out.rejects), ("stats", stats_path),
+                   *((("general", out.general),) if out.general else ()),
                    ("lengths_png", png), *(("packed_" + role if role in SPLITS else role, p) for role, p in packed)]
         return _write_manifest(cfg, fmts, st, outputs, summary, resolved_config)
     finally:

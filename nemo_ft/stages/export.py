@@ -32,7 +32,8 @@ from omegaconf import DictConfig, OmegaConf
 from nemo_ft import artifacts
 from nemo_ft.config.entry import stage_main
 from nemo_ft.errors import ConfigError, InputError
-from nemo_ft.nemo_archive import NemoArchive, rank_of, write_adapter
+from nemo_ft import reshard
+from nemo_ft.nemo_archive import NemoArchive
 from nemo_ft.stages import lifecycle
 
 NEMO_INPUTS = ("adapter", "base")
@@ -130,23 +131,6 @@ def checks(cfg: DictConfig, skip=frozenset()) -> list:
     if not lora_only and cfg.merge:
         errors.append(ConfigError("merge", why))
     return errors
-
-
-def _numpy_shards(path) -> tuple[dict, dict]:
-    """{(tp_rank, pp_rank): {key: float32 array}} of an adapter .nemo, and each key's torch dtype."""
-    with NemoArchive(path, key="adapter") as archive:
-        tensors = archive.tensors()
-    shards, dtypes = {}, {}
-    for member, state in tensors.items():
-        shards[rank_of(member)] = {k: t.detach().float().numpy() for k, t in state.items()}
-        dtypes.update({k: t.dtype for k, t in state.items()})
-    return shards, dtypes
-
-
-def _torch(arrays: dict, dtype_of) -> dict:
-    import torch
-
-    return {k: torch.from_numpy(v.copy()).to(dtype_of(k)) for k, v in arrays.items()}
 
 
 class Probe:
@@ -251,10 +235,9 @@ def _export(run: lifecycle.StageRun, cfg: DictConfig, tmp: Path) -> dict:
     outputs, checks_done = {}, {}
 
     # 1. the canonical TP=1 adapter: pure gather, written as NeMo's PEFT .nemo (config + one weights file)
-    shards, dtypes = _numpy_shards(cfg.adapter)
-    canonical = core.gather_adapter(shards, spec)
-    tp1_conf = dict(adapter_conf, tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
-    tp1 = write_adapter(tmp / "adapter_tp1.nemo", tp1_conf, _torch(canonical, lambda k: dtypes[_local(k, spec)]))
+    adapter = reshard.read_adapter(cfg.adapter)
+    canonical = adapter.canonical
+    tp1 = reshard.write_tp1(adapter, tmp / "adapter_tp1.nemo")
     outputs["adapter_tp1"] = tp1
     nim = tmp / "nim" / name
     nim.mkdir(parents=True)
@@ -283,7 +266,7 @@ def _export(run: lifecycle.StageRun, cfg: DictConfig, tmp: Path) -> dict:
 
     model.load_adapters(str(tp1))  # NeMo's own loader, scheme and targets from adapter_tp1.nemo's config
     loaded = {k: v for k, v in model.state_dict().items() if "adapter" in k or "prompt_encoder" in k}
-    mismatched = [k for k, v in _torch(canonical, lambda k: dtypes[_local(k, spec)]).items()
+    mismatched = [k for k, v in adapter.torch_state().items()
                   if k not in loaded or not torch.equal(loaded[k].to(v.dtype), v)]
     if mismatched:
         raise InputError(f"NeMo restored adapter_tp1.nemo with other weights than were written: {mismatched[:3]}",
@@ -324,17 +307,6 @@ def _export(run: lifecycle.StageRun, cfg: DictConfig, tmp: Path) -> dict:
     for what, diff in checks_done.items():
         run.log(f"check {what}: {diff}")
     return summary
-
-
-def _local(key: str, spec) -> str:
-    """The per-rank key a canonical key came from (global layer -> the stage-local number)."""
-    import re
-
-    m = re.match(r"^(model\.decoder\.layers\.)(\d+)(\..*)$", key)
-    if not m or spec.pp == 1:
-        return key
-    per_stage = spec.model.num_layers // spec.pp
-    return f"{m.group(1)}{int(m.group(2)) % per_stage}{m.group(3)}"
 
 
 def _require(diff: float, tol: float, what: str) -> float:

@@ -3,7 +3,7 @@
     run = lifecycle.start("sft", cfg, checks=validate_sft, derive=derive)   # 1-6
     model = run.restore(cfg.model.restore_from_path)                        # 7 (syncs NeMo's AppState)
     run.trainer.fit(model)                                                  # the stage's own work
-    adapter = run.save_nemo(model, "adapter.nemo", check=check_adapter)     # 8
+    adapter, _ = run.save_nemo(model, run.dir / "adapter.nemo", check=check_adapter)  # 8
     run.finish(summary, outputs={"adapter": adapter, ...})                  # 9
 
 1. derive: the only place the config is edited (values NeMo insists on but that follow from others);
@@ -151,8 +151,9 @@ class StageRun:
 
     def save_nemo(self, model, out, check: Optional[Callable[[Path], dict]] = None) -> tuple[Path, dict]:
         """NeMo's save_to into a temp name next to `out`, `check` it (rank 0), rename into place.
-        Returns (path, what check reported). A failed check leaves nothing at `out`."""
-        out = Path(out) if Path(out).is_absolute() else self.dir / out
+        Returns (path, what check reported). A failed check leaves nothing at `out`. A relative `out` is
+        relative to the working directory, as the user typed it (Hydra does not chdir)."""
+        out = Path(out).resolve()
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp")
         model.save_to(str(tmp))

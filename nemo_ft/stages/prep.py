@@ -19,8 +19,11 @@ def _summary(m: dict) -> str:
         lines.append("  rejected: " + ", ".join(f"{k}={v}" for k, v in c["rejected"].items()))
     lines.append("  splits: " + ", ".join(f"{k}={v}" for k, v in c["splits"].items())
                  + f"; train rows written {c['train_rows_written']}; truncated {c['truncated']}"
+                 + (f"; general rows held out for eval {c['general_heldout']}" if c.get("general_heldout") else "")
                  + (f"; DPO responses given a leading space {c['dpo_prefix_fixed']}" if c.get("dpo_prefix_fixed") else ""))
     for path, r in (s.get("mix") or {}).items():
+        if r["repeat_factor"] is None:  # an input forced into validation/test takes no share of train
+            continue
         lines.append(f"  mix {path}: target {r['target_share']:.3f} achieved {r['achieved_share']:.3f} "
                      f"(x{r['repeat_factor']})")
     for split, p in (s.get("pack") or {}).items():

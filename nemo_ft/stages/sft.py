@@ -89,7 +89,7 @@ def run(cfg: DictConfig) -> dict:
     run.trainer.fit(model)
     after = param_digests(model)
     tp, pp, scheme = run.rt.tp, run.rt.pp, cfg.model.peft.peft_scheme
-    adapter, saved = run.save_nemo(model, f"{cfg.run.adapter_name}.nemo",
+    adapter, saved = run.save_nemo(model, run.dir / f"{cfg.run.adapter_name}.nemo",
                                    check=None if scheme == "none" else lambda p: check_adapter_file(p, tp, pp))
     if not run.rank0:
         return {}

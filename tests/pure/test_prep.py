@@ -316,3 +316,25 @@ def test_preference_prompt_carried_by_messages_must_agree(row, ok):
         with pytest.raises(RowReject) as err:
             to_canonical(row, "preference")
         assert err.value.reason == "dpo_prompt_mismatch"
+
+
+def test_general_input_trains_and_holds_out_its_rows_for_eval_only(tmp_path):
+    """A general input (kept to measure forgetting) trains with its share; its held-out rows go to
+    general.jsonl, never into validation/test, which stay the task's."""
+    task, general = DATA_DIR / "sample" / "lookup_train.jsonl", DATA_DIR / "sample" / "sft_train.jsonl"
+    m = prep(tmp_path, [{"path": str(task), "weight": 0.8}, {"path": str(general), "weight": 0.2, "general": True}],
+             split={"train": 0.7, "validation": 0.15, "test": 0.15}, seq_length=128)
+    out, c = tmp_path / "out", m["summary"]["counts"]
+    held = read_jsonl(out / "general.jsonl")
+    task_rows = {r["input"] for r in read_jsonl(task)}
+    assert held and all(r["input"] not in task_rows for r in held)
+    for split in ("validation", "test"):
+        rows = read_jsonl(out / f"{split}.jsonl")
+        assert rows and all(r["input"] in task_rows for r in rows), split
+    assert c["general_heldout"] == len(held) and c["in"] == c["accepted"] + c["rejected_total"]
+    assert c["accepted"] == sum(c["splits"].values()) + len(held)
+    train_general = [r for r in read_jsonl(out / "train.jsonl") if r["input"] not in task_rows]
+    assert not {r["input"] for r in train_general} & {r["input"] for r in held}  # held out means held out
+    assert "general.jsonl" in outputs_by_path(m) and outputs_by_path(m)["general.jsonl"]["role"] == "general"
+    with pytest.raises(ConfigError, match="general"):
+        PrepConfig.from_dict({"inputs": [{"path": str(general), "general": True, "split": "test"}]})
