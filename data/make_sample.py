@@ -112,10 +112,19 @@ def lookup_split(rng, n_train=240, n_validation=20, n_test=40, max_alike=2):
 
 def write_lookup(out):
     rng = random.Random(4321)  # its own stream: the files above stay byte for byte what they were
-    for name, rows in zip(("train", "validation", "test"), lookup_split(rng)):
+    splits = lookup_split(rng)
+    for name, rows in zip(("train", "validation", "test"), splits):
         with open(out / f"lookup_{name}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    print(f"wrote the lookup task (lookup_train/validation/test.jsonl) to {out}")
+    # Preferences on the same prompts (and splits): the town asked for is chosen, the other field's
+    # value (the name) rejected. Learnable by reading the prompt, as the SFT task is; held out the same way.
+    for name, rows in zip(("train", "validation", "test"), splits):
+        with open(out / f"lookup_pref_{name}.jsonl", "w", encoding="utf-8") as f:
+            for r in rows:
+                other = r["input"].split("Name: ", 1)[1].split(".", 1)[0]
+                f.write(json.dumps({"prompt": r["input"], "chosen": r["output"], "rejected": f" {other}."},
+                                   ensure_ascii=False) + "\n")
+    print(f"wrote the lookup task (lookup_*.jsonl, lookup_pref_*.jsonl) to {out}")
 
 
 if __name__ == "__main__":

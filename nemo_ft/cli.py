@@ -9,6 +9,7 @@ STAGES = {
     "plan": "per-GPU memory estimate and parallel layout search, before any job starts",
     "export": "adapter (any TP/PP) -> TP=1 .nemo, HF-PEFT, HF base, merged, NIM/Triton/vLLM layouts",
     "import": "a Hugging Face Llama-family checkpoint -> a base .nemo",
+    "dpo": "DPO / IPO / RPO with a LoRA policy through NeMo-Aligner (the SFT adapter merged into the reference)",
     "eval": "base vs adapter(s) on held-out rows: loss, generation metrics, forgetting, gates (exit 3 on a fail)",
 }
 # A stage whose module name differs from its command (`import` is a Python keyword).

@@ -33,6 +33,21 @@ $PY -m nemo_ft.stages.eval from_run="$OUT/export" out_dir="$OUT/eval" \
   2>&1 | grep -E '^\[nemo-ft|^nemo-ft|error|Error' || true
 test -f "$OUT/eval/report.json" || { echo "eval failed"; exit 1; }
 
+say "dpo: preferences on the same prompts (the asked-for town over the other field), from the SFT adapter -> $OUT/dpo"
+$PY -m nemo_ft.stages.prep task=dpo out_dir="$OUT/prep_dpo" progress=false seq_length=128 \
+  "inputs=[{path: data/sample/lookup_pref_train.jsonl, split: train}, {path: data/sample/lookup_pref_validation.jsonl, split: validation}, {path: data/sample/lookup_pref_test.jsonl, split: test}]"
+# The SFT adapter is merged into the base first, so the reference policy is the SFT model; the SFT term
+# (RPO-style) keeps the chosen answers likely while the rejected ones are pushed down.
+$PY -m nemo_ft.stages.dpo from_run="$OUT/sft" data_dir="$OUT/prep_dpo" run.dir="$OUT/dpo" \
+  trainer.dpo.max_steps=30 trainer.dpo.val_check_interval=10 model.dpo.sft_loss_weight=1.0 model.optim.lr=5e-4 \
+  2>&1 | grep -E '^\[nemo-ft|^nemo-ft|error|Error' || { echo "dpo failed"; exit 1; }
+$PY -m nemo_ft.stages.export from_run="$OUT/dpo" out_dir="$OUT/export_dpo" \
+  2>&1 | grep -E '^\[nemo-ft export\] exported|error|Error' || { echo "export of the DPO adapter failed"; exit 1; }
+# Against the SFT model (its base here): no loss gain is owed, the task must still be answered, no forgetting.
+$PY -m nemo_ft.stages.eval from_run="$OUT/export_dpo" out_dir="$OUT/eval_dpo" eval.gates.min_loss_improvement=null \
+  2>&1 | grep -E '^\[nemo-ft eval\] (dpo|base|PASS|FAIL)|^nemo-ft|error|Error' || true
+test -f "$OUT/eval_dpo/report.json" || { echo "eval of the DPO adapter failed"; exit 1; }
+
 say "import: the exported hf_base/ back into a .nemo (what a team starting from HF weights runs) -> $OUT/import"
 $PY -m nemo_ft.stages.import_hf hf="$OUT/export/hf_base" out="$OUT/import/base.nemo" run.dir="$OUT/import" profile=tiny \
   2>&1 | grep -E '^\[nemo-ft|error|Error' || { echo "import failed"; exit 1; }
@@ -42,4 +57,5 @@ echo "  adapter:        $OUT/sft/adapter.nemo"
 echo "  loss curves:    $OUT/sft/loss.png   (TensorBoard: tensorboard --logdir $OUT/sft/nemo)"
 echo "  export:         $OUT/export/{adapter_tp1.nemo,hf_base,hf_peft,merged,nim}  (how to serve: $OUT/export/serving.md)"
 echo "  eval:           $OUT/eval/report.md  ($OUT/eval/metrics.png: the verdict)"
+echo "  dpo:            $OUT/dpo/dpo.png (loss, rewards, margin, accuracy); $OUT/eval_dpo/report.md"
 echo "  manifests:      $OUT/*/manifest.json"

@@ -16,6 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 TOKENIZER = str(REPO / "data" / "tiny" / "tokenizer.model")
+SAMPLE = REPO / "data" / "sample"
 ALL_TRAIN = {"train": 1.0, "validation": 0.0, "test": 0.0}
 FOLDER_MARKS = ("pure", "nemo", "e2e", "slurm", "serve")
 
@@ -151,3 +152,25 @@ def max_abs_diff(a, b) -> float:
     if isinstance(a, list) and a and isinstance(a[0], list) and isinstance(a[0][0], list):
         return max(max_abs_diff(x, y) for x, y in zip(a, b, strict=True))
     return float((torch.as_tensor(a) - torch.as_tensor(b)).abs().max())
+
+
+# The demo's pipeline on the learnable lookup task (data/sample/lookup_*), shared by the test modules
+# that need a trained adapter: prep (+ a general share) -> sft (LoRA on all four targets) -> export.
+LOOKUP_PREP_INPUTS = (f"inputs=[{{path: {SAMPLE}/lookup_train.jsonl, weight: 0.8, split: train}}, "
+                      f"{{path: {SAMPLE}/lookup_validation.jsonl, split: validation}}, "
+                      f"{{path: {SAMPLE}/lookup_test.jsonl, split: test}}, "
+                      f"{{path: {SAMPLE}/sft_train.jsonl, weight: 0.2, general: true}}]")
+LOOKUP_LORA = ("model.peft.lora_tuning.target_modules=[all]", "model.peft.lora_tuning.adapter_dim=16",
+               "model.optim.lr=3e-3")
+
+
+@pytest.fixture(scope="session")
+def lookup_pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lookup_pipeline")
+    run_stage("prep", f"out_dir={root / 'prep'}", "template.prompt_template='{input}{output}'", LOOKUP_PREP_INPUTS,
+              "split.train=0.7", "split.validation=0.15", "split.test=0.15", "seq_length=128", "progress=false")
+    run_stage("sft", f"run.dir={root / 'sft'}", *LOOKUP_LORA, "trainer.max_steps=200", "trainer.val_check_interval=100",
+              "trainer.enable_progress_bar=false", f"model.data.train_ds.file_names=[{root / 'prep/train.jsonl'}]",
+              f"model.data.validation_ds.file_names=[{root / 'prep/validation.jsonl'}]")
+    run_stage("export", f"from_run={root / 'sft'}", f"out_dir={root / 'export'}")
+    return root

@@ -248,8 +248,8 @@ def _prep_longest(m) -> int | None:
         return None
 
 
-def check_restore(cfg) -> Iterable[ConfigError | InputError]:
-    key = "model.restore_from_path"
+def check_restore(cfg, key: str = "model.restore_from_path") -> Iterable[ConfigError | InputError]:
+    """The base .nemo `key` names: readable, the profile's architecture, TE, a layout NeMo can load."""
     if OmegaConf.is_missing(cfg, key) or not OmegaConf.select(cfg, key):
         yield ConfigError(key, "is required: the base model .nemo to fine-tune")
         return
@@ -273,7 +273,7 @@ def check_restore(cfg) -> Iterable[ConfigError | InputError]:
                                   "pick the matching model=<profile> (or run.check_arch=false)")
     te_wanted = OmegaConf.select(cfg, "model.transformer_engine", default=None)
     if base.get("transformer_engine") and te_wanted is not False and importlib.util.find_spec("transformer_engine") is None:
-        yield ConfigError("model.restore_from_path",
+        yield ConfigError(key,
                           f"{path.name} was built with Transformer Engine's layer spec (transformer_engine: true), "
                           "whose weights only load with TE installed (NGC container); run there")
     # NeMo's mcore .nemo checkpoints (a model_weights/ directory) reshard on load; the legacy per-rank
@@ -313,3 +313,17 @@ def validate_sft(cfg: DictConfig, skip=frozenset()) -> list[ConfigError | InputE
     for check in checks:
         errors.extend(check(cfg))
     return errors
+
+
+def check_aligner_loop(cfg, section: str) -> Iterable[ConfigError]:
+    """NeMo-Aligner's trainer loops (trainer.dpo, trainer.rm, ...) assert these mid-run."""
+    loop = OmegaConf.select(cfg, f"trainer.{section}")
+    if loop is None:
+        return
+    vci, save = loop.get("val_check_interval"), loop.get("save_interval")
+    if isinstance(vci, int) and isinstance(save, int) and vci > 0 and save % vci:
+        yield ConfigError(f"trainer.{section}.save_interval", f"{save} must be a multiple of val_check_interval={vci} "
+                                                             "(NeMo-Aligner asserts it after the model is built)")
+    steps = loop.get("max_steps")
+    if isinstance(vci, int) and isinstance(steps, int) and steps > 0 and vci > steps:
+        yield ConfigError(f"trainer.{section}.val_check_interval", f"{vci} > max_steps={steps}: no validation would run")

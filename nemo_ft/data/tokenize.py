@@ -193,6 +193,14 @@ def _dpo_encode(tok: Tokenizer, prompt_ids: List[int], prompt: str, response: st
     return len(ids), ids[:len(prompt_ids)] == prompt_ids
 
 
+def dpo_pair_length(tok: Tokenizer, row: Dict[str, str], append_eod: bool = False) -> int:
+    """The length NeMo-Aligner's DPOModelDataset compares with seq_length: the longer of prompt+chosen
+    and prompt+rejected, as it builds them (see _dpo_encode)."""
+    prompt_ids = tok.encode(row["prompt"])
+    return max(_dpo_encode(tok, prompt_ids, row["prompt"], row[k], append_eod)[0]
+               for k in ("chosen_response", "rejected_response"))
+
+
 def fit_dpo(tok: Tokenizer, row: Dict[str, str], seq_length: int, truncate: bool, fix: bool,
             append_eod: bool = False):
     """Check an Aligner DPO row {prompt, chosen_response, rejected_response} the way Aligner will.

@@ -104,7 +104,7 @@ def sync_app_state() -> None:
     app.model_parallel_size = app.tensor_model_parallel_size * app.pipeline_model_parallel_size
 
 
-def prepare(cfg) -> Runtime:
+def prepare(cfg, aligner: bool = False) -> Runtime:
     cuda = wants_cuda(cfg)
     if cuda:
         import torch
@@ -115,5 +115,9 @@ def prepare(cfg) -> Runtime:
     patches.apply(patches.NEMO_FIXES)
     if not cuda:
         patches.apply(patches.CPU_PATCHES)
+    if aligner:  # the preference stages: NeMo-Aligner on top of the same NeMo
+        patches.apply(patches.ALIGNER_FIXES)
+        if not cuda:
+            patches.apply(patches.ALIGNER_CPU_PATCHES)
     return init_distributed(int(cfg.model.get("tensor_model_parallel_size", 1)),
                             int(cfg.model.get("pipeline_model_parallel_size", 1)), cuda)

@@ -1,7 +1,9 @@
 """Every change nemo-ft makes to NeMo, megatron-core or torch, declared in one list.
 
-Three kinds:
+Five kinds:
 - HF_FIXES: what transformers needs beside NeMo's pins (the export stage's tokenizer conversion).
+- ALIGNER_FIXES / ALIGNER_CPU_PATCHES: NeMo-Aligner 0.7.0 on our pinned stack (applied by the
+  preference stages only; the CPU ones only without CUDA). Facts: ../shared/ALIGNER_RLHF.md.
 - NEMO_FIXES: bugs of nemo_toolkit 2.4.1 + megatron-core 0.13.1 that bite on a GPU too (the NGC
   container included); applied everywhere, each only where the bug is present.
 - CPU_PATCHES: what NeMo needs to run its real training path on a CPU (gloo, fp32); applied only
@@ -497,4 +499,18 @@ HF_FIXES = [
     Patch("transformers.convert_slow_tokenizer:import_protobuf",
           "sentencepiece's bundled pb2 needs a newer protobuf than NeMo pins; transformers has its own",
           _transformers_own_pb2),
+]
+
+
+# --------------------------------------------------------------------------- NeMo-Aligner 0.7.0
+
+ALIGNER_FIXES = [
+    Patch("nemo_aligner.utils.train_utils:clip_grad_norm_fp32",
+          "Aligner's clip_gradients imports NeMo's apex clipper by name (multi_tensor_applier)",
+          _torch_clip_grad_norm, when=lambda: not _have_apex()),
+]
+
+ALIGNER_CPU_PATCHES = [
+    Patch("nemo_aligner.utils.distributed:Timer.is_finished",
+          "the run timer broadcasts a device='cuda' tensor every step (DPO/RM/PPO trainers)", _on_cpu),
 ]

@@ -72,3 +72,29 @@ class MemoryProbe(Callback):
         states = [t for opt in trainer.optimizers for st in opt.state.values() for t in st.values()
                   if hasattr(t, "numel") and t.dim() > 0]
         self.measured["optimizer_bytes"] = sum(t.numel() * t.element_size() for t in states)
+
+
+def jsonl_logger(path: Path, write: bool):
+    """A Lightning logger for NeMo-Aligner's loops (they log through trainer.loggers, not callbacks):
+    metrics.jsonl rows {"kind": "train"|"validation", "step", ...} from its "train/" and "val/" keys."""
+    from lightning.pytorch.loggers.logger import Logger
+
+    class JsonlLogger(Logger):
+        name, version = "nemo_ft_metrics", 0
+
+        def log_metrics(self, metrics, step=None):
+            rows = {}
+            for key, value in metrics.items():
+                prefix, _, name = key.partition("/")
+                kind = {"train": "train", "val": "validation"}.get(prefix)
+                if kind and name:
+                    rows.setdefault(kind, {})[name] = _scalar(value)
+            if write:
+                with open(path, "a") as f:
+                    for kind, row in rows.items():
+                        f.write(json.dumps({"kind": kind, "step": int(step or 0), **row}) + "\n")
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+    return JsonlLogger()

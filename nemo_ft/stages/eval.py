@@ -70,8 +70,13 @@ def follow(from_run) -> Upstream:
     up.training_run = m.dir
     if not up.adapters and m.records("adapter"):
         up.adapters = ((m.dir.name, str(m.output("adapter"))),)
-    up.base = up.base or (m.input("base") or {}).get("path")
-    for record in m.records("train", "inputs"):
+    # a DPO run started from an SFT adapter wrote the SFT-merged base its adapter applies to (output "base")
+    up.base = up.base or (str(m.output("base")) if m.records("base") else (m.input("base") or {}).get("path"))
+    data_run = m  # whose training data holds the task's held-out split: a DPO run's SFT run
+    sft = (m.input("sft_adapter") or {}).get("path") if m.stage == "dpo" else None
+    if sft and Path(sft).exists():
+        data_run = artifacts.manifest_next_to(sft) or m
+    for record in data_run.records("train", "inputs"):
         prep = artifacts.manifest_next_to(record["path"]) if Path(record["path"]).exists() else None
         if prep is not None and prep.stage == "prep":
             up.prep = prep
@@ -287,7 +292,8 @@ def tensorboard_curves(run_dir: Optional[Path]) -> dict:
         acc.Reload()
         tags = set(acc.Tags().get("scalars", []))
         for tag, label in (("reduced_train_loss", "train loss"), ("val_loss", "validation loss"),
-                           ("validation_loss", "validation loss")):
+                           ("validation_loss", "validation loss"),  # NeMo's SFT names; Aligner's loops log these:
+                           ("train/loss", "train loss"), ("val/loss", "validation loss")):
             if tag in tags:
                 curves.setdefault(label, []).extend((e.step, e.value) for e in acc.Scalars(tag))
     return {k: sorted(set(v)) for k, v in curves.items()}

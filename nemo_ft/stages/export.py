@@ -47,9 +47,10 @@ def derive(cfg: DictConfig) -> list[str]:
         m = artifacts.read_manifest(cfg.from_run, stage=("sft", "dpo"), key="from_run")
         if not cfg.adapter:
             cfg.adapter = str(m.output("adapter"))
-        base = m.input("base")
+        # A DPO run started from an SFT adapter trains on the SFT-merged base it wrote (output "base").
+        base = str(m.output("base")) if m.records("base") else (m.input("base") or {}).get("path")
         if not cfg.base and base:
-            cfg.base = base["path"]
+            cfg.base = base
         if not cfg.adapter_name:
             cfg.adapter_name = Path(cfg.from_run).resolve().name
         notes.append(f"from {m.path}: adapter {cfg.adapter}, base {cfg.base}")

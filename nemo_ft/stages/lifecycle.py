@@ -42,6 +42,8 @@ from nemo_ft.config.validate import ARCH_KEYS, PROFILE_ONLY_KEYS
 from nemo_ft.errors import ConfigError, InputError, NemoFtError
 from nemo_ft.stages.metrics import plot_losses
 
+# trainer.<algorithm> sections of NeMo-Aligner's configs (gpt_dpo.yaml, training_rm.yaml, ...).
+ALIGNER_TRAINER_KEYS = ("dpo", "rm", "ppo", "reinforce", "sft")
 # Versions recorded in every NeMo stage's manifest.
 STACK = ("nemo_toolkit", "megatron-core", "torch", "lightning", "nemo-aligner")
 
@@ -70,7 +72,10 @@ def nemo_model_cfg(cfg: DictConfig, keep_arch: bool = False) -> DictConfig:
     (run.check_arch) and sized by the planner, never merged over it."""
     cfg = copy.deepcopy(cfg)
     OmegaConf.set_readonly(cfg, False)
+    OmegaConf.resolve(cfg)  # as Aligner's scripts do: trainer.max_steps may point into trainer.dpo
     with open_dict(cfg):
+        for key in ALIGNER_TRAINER_KEYS:  # Aligner's own loops read these; Lightning's Trainer refuses them
+            cfg.trainer.pop(key, None)
         for key in PROFILE_ONLY_KEYS:
             cfg.model.pop(key, None)
         for key in ARCH_KEYS + ("make_vocab_size_divisible_by",):
@@ -145,6 +150,11 @@ class StageRun:
             model_cls = MegatronGPTSFTModel
         if model_cfg is None:
             model_cfg = model_cls.merge_cfg_with(str(path), self.nemo_cfg())
+        with open_dict(model_cfg):
+            # The checkpoint's own `target` would make NeMo build that class instead of the one asked for
+            # (a base saved by the SFT model restored for DPO stays an SFT model); Aligner drops it too.
+            model_cfg.pop("target", None)
+            model_cfg.pop("nemo_version", None)
         model = model_cls.restore_from(str(path), model_cfg, trainer=self.trainer,
                                        save_restore_connector=NLPSaveRestoreConnector())
         return self._synced(model)
@@ -242,7 +252,7 @@ def _detect_gpu() -> Optional[str]:
 
 def start(stage: str, cfg: DictConfig, *, checks: Callable[..., list],
           derive: Optional[Callable[[DictConfig], list]] = None, nemo_inputs: Iterable[str] = (),
-          plan: bool = False, fresh_dir: bool = False) -> StageRun:
+          plan: bool = False, fresh_dir: bool = False, aligner: bool = False) -> StageRun:
     """Steps 1-6 of the module docstring; raises StageErrors (exit 2) before anything is started."""
     try:
         notes = list(derive(cfg) if derive else [])
@@ -279,7 +289,7 @@ def start(stage: str, cfg: DictConfig, *, checks: Callable[..., list],
             metrics.unlink(missing_ok=True)
 
     quiet_nemo()
-    rt = runtime.prepare(cfg)
+    rt = runtime.prepare(cfg, aligner=aligner)
     for note in notes if rt.rank == 0 else ():
         print(f"[nemo-ft {stage}] note: {note}")
     from nemo_ft.stages import callbacks
@@ -298,9 +308,45 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=()):
     from nemo_ft.stages import callbacks
 
     nemo = nemo_model_cfg(cfg, keep_arch=True)
+    with open_dict(nemo):  # NeMo's trainer builder reads it unguarded; stages that train nothing lack it
+        nemo.model.setdefault("gradient_as_bucket_view", False)
     cbs = [callbacks.MetricsRecorder(run_dir / cfg.run.metrics_file, is_rank_zero()), *extra_callbacks]
     if cfg.run.get("stop_after_steps"):
         cbs.append(callbacks.StopAfter(int(cfg.run.stop_after_steps)))
     trainer = MegatronLMPPTrainerBuilder(nemo).create_trainer(callbacks=cbs)
     exp_manager(trainer, nemo.exp_manager)
     return trainer
+
+
+class EmptyAdapterError(RuntimeError):
+    pass
+
+
+def check_adapter_file(path: Path, tp: int, pp: int) -> dict:
+    """Refuse an adapter .nemo NeMo wrote without a rank's weights or with no adapter tensors (its
+    silent-empty-save bug); else what it holds."""
+    from nemo_ft.nemo_archive import NemoArchive
+
+    with NemoArchive(path) as archive:
+        shards = archive.tensors()
+    problems = []
+    if len(shards) != tp * pp:
+        problems.append(f"{len(shards)} weight file(s) for TP={tp} x PP={pp} = {tp * pp} ranks: {sorted(shards)}")
+    problems += [f"{name} is empty" for name, sd in shards.items() if not sd]
+    if problems:
+        raise EmptyAdapterError(f"NeMo wrote an incomplete adapter {path}: " + "; ".join(problems))
+    return {"weight_files": sorted(shards), "tensors": sum(len(sd) for sd in shards.values()),
+            "params": sum(t.numel() for sd in shards.values() for t in sd.values())}
+
+
+def param_digests(model) -> dict[str, str]:
+    """sha256 over the bytes of the frozen and of the trainable parameters, in name order: the frozen
+    base must come out of training bit-identical, the adapter must move."""
+    import hashlib
+
+    digests = {"frozen": hashlib.sha256(), "trainable": hashlib.sha256()}
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        h = digests["trainable" if p.requires_grad else "frozen"]
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return {k: h.hexdigest() for k, h in digests.items()}

@@ -11,22 +11,16 @@ NeMo's validation loop only (the round trip check).
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_ft.config.entry import stage_main
 from nemo_ft.config.validate import fill_defaults, validate_sft
-from nemo_ft.nemo_archive import NemoArchive
 from nemo_ft.stages import lifecycle
 from nemo_ft.stages.metrics import read_metrics
 
 NEMO_INPUTS = ("model.restore_from_path", "model.peft.restore_from_path")
-
-
-class EmptyAdapterError(RuntimeError):
-    pass
 
 
 def derive(cfg: DictConfig) -> list[str]:
@@ -36,30 +30,6 @@ def derive(cfg: DictConfig) -> list[str]:
         cfg.exp_manager.resume_if_exists = False
         cfg.exp_manager.explicit_log_dir = str(Path(cfg.run.dir) / "nemo_validate")
     return notes
-
-
-def check_adapter_file(path: Path, tp: int, pp: int) -> dict:
-    """Refuse an adapter .nemo that lacks a rank's weights or holds no adapter tensors."""
-    with NemoArchive(path) as archive:
-        shards = archive.tensors()
-    problems = []
-    if len(shards) != tp * pp:
-        problems.append(f"{len(shards)} weight file(s) for TP={tp} x PP={pp} = {tp * pp} ranks: {sorted(shards)}")
-    problems += [f"{name} is empty" for name, sd in shards.items() if not sd]
-    if problems:
-        raise EmptyAdapterError(f"NeMo wrote an incomplete adapter {path}: " + "; ".join(problems))
-    return {"weight_files": sorted(shards), "tensors": sum(len(sd) for sd in shards.values()),
-            "params": sum(t.numel() for sd in shards.values() for t in sd.values())}
-
-
-def param_digests(model) -> dict[str, str]:
-    """sha256 over the bytes of the frozen and of the trainable parameters, in name order."""
-    digests = {"frozen": hashlib.sha256(), "trainable": hashlib.sha256()}
-    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-        h = digests["trainable" if p.requires_grad else "frozen"]
-        h.update(name.encode())
-        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-    return {k: h.hexdigest() for k, h in digests.items()}
 
 
 def add_peft(run: lifecycle.StageRun, model):
@@ -85,12 +55,12 @@ def run(cfg: DictConfig) -> dict:
         run.log(f"validation loss of base + {cfg.model.peft.restore_from_path}: {val_loss:.6f}")
         return {"val_loss": val_loss}
 
-    before = param_digests(model)
+    before = lifecycle.param_digests(model)
     run.trainer.fit(model)
-    after = param_digests(model)
+    after = lifecycle.param_digests(model)
     tp, pp, scheme = run.rt.tp, run.rt.pp, cfg.model.peft.peft_scheme
     adapter, saved = run.save_nemo(model, run.dir / f"{cfg.run.adapter_name}.nemo",
-                                   check=None if scheme == "none" else lambda p: check_adapter_file(p, tp, pp))
+                                   check=None if scheme == "none" else lambda p: lifecycle.check_adapter_file(p, tp, pp))
     if not run.rank0:
         return {}
     train, val = read_metrics(run.metrics)

@@ -4,30 +4,13 @@ import json
 
 import pytest
 
-from tests.conftest import REPO, model_probe, read_jsonl, run_stage, tiny_token_ids
+from tests.conftest import REPO, SAMPLE, model_probe, read_jsonl, run_stage, tiny_token_ids
 
 pytestmark = pytest.mark.e2e
 
-SAMPLE = REPO / "data" / "sample"
-PREP_INPUTS = (f"inputs=[{{path: {SAMPLE}/lookup_train.jsonl, weight: 0.8, split: train}}, "
-               f"{{path: {SAMPLE}/lookup_validation.jsonl, split: validation}}, "
-               f"{{path: {SAMPLE}/lookup_test.jsonl, split: test}}, "
-               f"{{path: {SAMPLE}/sft_train.jsonl, weight: 0.2, general: true}}]")
-LOOKUP_LORA = ("model.peft.lora_tuning.target_modules=[all]", "model.peft.lora_tuning.adapter_dim=16",
-               "model.optim.lr=3e-3")
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """prep -> sft -> export, as `make demo` runs them (the lookup task + a general share)."""
-    root = tmp_path_factory.mktemp("eval_pipeline")
-    run_stage("prep", f"out_dir={root / 'prep'}", "template.prompt_template='{input}{output}'", PREP_INPUTS,
-              "split.train=0.7", "split.validation=0.15", "split.test=0.15", "seq_length=128", "progress=false")
-    run_stage("sft", f"run.dir={root / 'sft'}", *LOOKUP_LORA, "trainer.max_steps=200", "trainer.val_check_interval=100",
-              "trainer.enable_progress_bar=false", f"model.data.train_ds.file_names=[{root / 'prep/train.jsonl'}]",
-              f"model.data.validation_ds.file_names=[{root / 'prep/validation.jsonl'}]")
-    run_stage("export", f"from_run={root / 'sft'}", f"out_dir={root / 'export'}")
-    return root
+def trained(lookup_pipeline):
+    return lookup_pipeline
 
 
 def _eval(out, *args, check=True):

@@ -13,7 +13,8 @@ os.environ.setdefault("NVIDIA_PYTORCH_VERSION", "24.07")
 
 from nemo_ft.runtime import patches  # noqa: E402
 
-ALL = patches.NEMO_FIXES + patches.CPU_PATCHES + patches.HF_FIXES
+ALL = (patches.NEMO_FIXES + patches.CPU_PATCHES + patches.HF_FIXES + patches.ALIGNER_FIXES
+       + patches.ALIGNER_CPU_PATCHES)
 
 
 @pytest.mark.parametrize("patch", ALL, ids=[p.target for p in ALL])
