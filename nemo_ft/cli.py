@@ -10,6 +10,7 @@ STAGES = {
     "export": "adapter (any TP/PP) -> TP=1 .nemo, HF-PEFT, HF base, merged, NIM/Triton/vLLM layouts",
     "import": "a Hugging Face Llama-family checkpoint -> a base .nemo",
     "dpo": "DPO / IPO / RPO with a LoRA policy through NeMo-Aligner (the SFT adapter merged into the reference)",
+    "rm": "a binary-ranking reward model through NeMo-Aligner (full-parameter)",
     "eval": "base vs adapter(s) on held-out rows: loss, generation metrics, forgetting, gates (exit 3 on a fail)",
 }
 # A stage whose module name differs from its command (`import` is a Python keyword).

@@ -48,6 +48,12 @@ $PY -m nemo_ft.stages.eval from_run="$OUT/export_dpo" out_dir="$OUT/eval_dpo" ev
   2>&1 | grep -E '^\[nemo-ft eval\] (dpo|base|PASS|FAIL)|^nemo-ft|error|Error' || true
 test -f "$OUT/eval_dpo/report.json" || { echo "eval of the DPO adapter failed"; exit 1; }
 
+say "rm: a reward model (full-parameter, NeMo-Aligner) on the same preferences -> $OUT/rm"
+$PY -m nemo_ft.stages.prep task=rm out_dir="$OUT/prep_rm" progress=false seq_length=128 \
+  "inputs=[{path: data/sample/lookup_pref_train.jsonl, split: train}, {path: data/sample/lookup_pref_validation.jsonl, split: validation}, {path: data/sample/lookup_pref_test.jsonl, split: test}]"
+$PY -m nemo_ft.stages.rm data_dir="$OUT/prep_rm" run.dir="$OUT/rm" trainer.rm.max_steps=40 trainer.rm.val_check_interval=10 \
+  2>&1 | grep -E '^\[nemo-ft|^nemo-ft|error|Error' || { echo "rm failed"; exit 1; }
+
 say "import: the exported hf_base/ back into a .nemo (what a team starting from HF weights runs) -> $OUT/import"
 $PY -m nemo_ft.stages.import_hf hf="$OUT/export/hf_base" out="$OUT/import/base.nemo" run.dir="$OUT/import" profile=tiny \
   2>&1 | grep -E '^\[nemo-ft|error|Error' || { echo "import failed"; exit 1; }
@@ -58,4 +64,5 @@ echo "  loss curves:    $OUT/sft/loss.png   (TensorBoard: tensorboard --logdir $
 echo "  export:         $OUT/export/{adapter_tp1.nemo,hf_base,hf_peft,merged,nim}  (how to serve: $OUT/export/serving.md)"
 echo "  eval:           $OUT/eval/report.md  ($OUT/eval/metrics.png: the verdict)"
 echo "  dpo:            $OUT/dpo/dpo.png (loss, rewards, margin, accuracy); $OUT/eval_dpo/report.md"
+echo "  reward model:   $OUT/rm/rm.nemo ($OUT/rm/rm.png)"
 echo "  manifests:      $OUT/*/manifest.json"

@@ -9,7 +9,7 @@ from nemo_ft.data.split import SPLITS, check_ratios
 from nemo_ft.data.tokenize import Template
 from nemo_ft.errors import ConfigError
 
-TASKS = ("sft", "chat", "dpo")
+TASKS = ("sft", "chat", "dpo", "rm")
 PREFIX_MISMATCH = ("fix", "reject")
 
 
@@ -52,6 +52,7 @@ class PrepConfig:
     dpo_prefix_mismatch: str = "fix"
     dpo_append_eod: bool = False
     dpo_prompt_format: str = "plain"
+    rm_append_eod: bool = False  # = the reward model's model.data.append_eod (train and serve alike)
 
     @classmethod
     def from_dict(cls, c: dict) -> "PrepConfig":
@@ -102,6 +103,9 @@ class PrepConfig:
         over = c.get("over_length", "truncate")
         if over not in ("truncate", "reject"):
             raise ConfigError("over_length", f"expected truncate or reject, got {over!r}")
+        if c.get("pack") and task == "rm":
+            raise ConfigError("pack", "NeMo-Aligner's reward model reads unpacked chosen/rejected lines; pack needs "
+                                      "task=sft or task=chat")
         if c.get("pack") and task == "dpo":
             raise ConfigError("pack", "prep packs NeMo's SFT format (GPTSFTPackedDataset): pack needs task=sft or "
                                       "task=chat; for packed DPO run NeMo-Aligner's prepare_packed_dpo_dataset.py "
@@ -117,6 +121,9 @@ class PrepConfig:
         prefix_mismatch = dpo.get("prefix_mismatch", "fix")
         if prefix_mismatch not in PREFIX_MISMATCH:
             raise ConfigError("dpo.prefix_mismatch", f"expected fix or reject, got {prefix_mismatch!r}")
+        rm = dict(c.get("rm") or {})
+        if set(rm) - {"append_eod"}:
+            raise ConfigError("rm", f"unknown keys {sorted(set(rm) - {'append_eod'})}; allowed: append_eod")
         dedup = dict(c.get("dedup") or {})
         split = dict(c.get("split") or {})
         split_seed = split.pop("seed", 1234)
@@ -143,5 +150,5 @@ class PrepConfig:
             workers=int(c.get("workers", 0)), chunk_size=int(c.get("chunk_size", 1000)),
             progress=bool(c.get("progress", True)),
             dpo_prefix_mismatch=prefix_mismatch, dpo_append_eod=bool(dpo.get("append_eod", False)),
-            dpo_prompt_format=prompt_format,
+            dpo_prompt_format=prompt_format, rm_append_eod=bool(rm.get("append_eod", False)),
         )

@@ -41,7 +41,7 @@ ROLE_ALIASES = {
     "Assistant": "Assistant", "system": "system", "System": "system",
 }
 
-TASK_KINDS = {"sft": ("sft", "chat"), "chat": ("sft", "chat"), "dpo": ("pref",)}
+TASK_KINDS = {"sft": ("sft", "chat"), "chat": ("sft", "chat"), "dpo": ("pref",), "rm": ("pref",)}
 
 
 def read_lines(path: str) -> Iterator[Tuple[int, bytes]]:
@@ -278,6 +278,8 @@ def for_task(ex: dict, kind: str, task: str, dpo_prompt_format: str = "plain") -
             system, turns = ex["system"], ex["turns"]
         return {"system": system, "conversations": [{"from": r, "value": t} for r, t in turns],
                 "mask": "User", "type": None}
+    if task == "rm":  # NeMo-Aligner's reward-model JSONL: the pair as two lines, chosen first
+        return {"chosen": {"text": ex["prompt"] + ex["chosen"]}, "rejected": {"text": ex["prompt"] + ex["rejected"]}}
     return _dpo_row(ex, dpo_prompt_format)
 
 

@@ -98,6 +98,12 @@ def _process_chunk(chunk, fmt: str):
                                     + (" and truncation_field cannot absorb it" if cfg.over_length == "truncate" else ""))
                 row, ids, start, truncated = fit
                 ntok = len(ids)
+            elif cfg.task == "rm":
+                # Aligner's RewardModelDataset skips an over-length pair *and its neighbour*: reject it here
+                ntok = max(len(tok.encode(row[k]["text"])) + int(cfg.rm_append_eod) for k in ("chosen", "rejected"))
+                if ntok > cfg.seq_length:
+                    raise RowReject("rm_over_length", f"{ntok} tokens > seq_length={cfg.seq_length} (Aligner would "
+                                                      "skip this pair and the next one)")
             elif cfg.task == "dpo":
                 row, ntok, truncated, fixed = fit_dpo(tok, row, cfg.seq_length, cfg.over_length == "truncate",
                                                       cfg.dpo_prefix_mismatch == "fix", cfg.dpo_append_eod)
@@ -114,7 +120,8 @@ def _process_chunk(chunk, fmt: str):
                 id_parts.append(ids)
                 if cfg.task == "chat":
                     mask_parts.append(chat_mask)
-            line = json.dumps(row, ensure_ascii=False)
+            line = ("\n".join(json.dumps(row[k], ensure_ascii=False) for k in ("chosen", "rejected"))
+                    if cfg.task == "rm" else json.dumps(row, ensure_ascii=False))
             out.append(Kept(lineno, line, example_key(norm, normalized=True), start, ntok, truncated, fixed))
         except RowReject as rej:
             out.append(Rejected(lineno, rej.reason, rej.detail))
@@ -155,7 +162,7 @@ def _detect(spec: InputSpec, task: str) -> str:
                             f"Force one with format=<name>", path=spec.path, key="format")
     kind = formats.kind_of(fmt)
     if kind not in formats.TASK_KINDS[task]:
-        hint = "task=dpo" if kind == "pref" else "task=sft or task=chat"
+        hint = "task=dpo or task=rm" if kind == "pref" else "task=sft or task=chat"
         raise PrepError(f"{fmt} rows ({kind}) cannot feed task={task}; use {hint}", path=spec.path, line=line,
                         key="task")
     return fmt
@@ -352,10 +359,12 @@ def _mix_train(cfg: PrepConfig, st: _Streamed, out: _Outputs) -> tuple:
             mult[rows] = mix.multiplicities(len(rows), targets[i], cfg.mix_seed, i)
         written = [int(mult[src == i].sum()) for i in range(len(cfg.inputs))]
         report = mix.report([s.path for s in cfg.inputs], available, written, weights)
+    per_row = 2 if cfg.task == "rm" else 1  # a reward-model pair is two lines: they repeat together
     with open(out.tmp_train_raw, encoding="utf-8") as fin, open(out.tmp["train"], "w", encoding="utf-8") as fout:
-        for m, line in zip(mult, fin):
+        rows = zip(*[fin] * per_row)
+        for m, lines in zip(mult, rows):
             if m:
-                fout.write(line * int(m))
+                fout.write("".join(lines) * int(m))
     os.remove(out.tmp_train_raw)
     return mult, report
 

@@ -300,6 +300,35 @@ def _torch_clip_grad_norm(_original):
     return clip_grad_norm_fp32
 
 
+def _never_an_instance(name):
+    # nlp_overrides imports McoreDistributedOptimizer / MegatronDistributedFusedAdam only with apex, then
+    # tests isinstance(optimizer, ...) on every full-parameter checkpoint save (NameError without apex).
+    # Without apex no optimizer can be one of them: a class nothing is an instance of is the truth.
+    def make(_missing):
+        return type(name, (), {"__doc__": f"stands in for apex's {name}, which is not installed"})
+    return make
+
+
+def _scalar_optimizer_state_kept(original):
+    # torch's Adam keeps a 0-d `step` tensor per parameter; megatron's optim_state_to_sharding_state makes
+    # every state entry a ShardedTensor shaped like its parameter and asserts ("Optimizer shape (() does
+    # not match model shape"), so a full-parameter checkpoint with plain adam cannot be saved. Shard the
+    # per-element state, keep scalars as plain (common) state: saved once, restored on resume.
+    import torch
+
+    def optim_state_to_sharding_state(optim_state_dict, id_to_sharded_param_map, exclude_keys=()):
+        def scalar(v):
+            return torch.is_tensor(v) and v.dim() == 0
+        # new dicts: state_dict()'s per-parameter dicts are the live optimizer's own
+        scalars = {pid: {k: v for k, v in st.items() if scalar(v)} for pid, st in optim_state_dict["state"].items()}
+        optim_state_dict["state"] = {pid: {k: v for k, v in st.items() if not scalar(v)}
+                                     for pid, st in optim_state_dict["state"].items()}
+        original(optim_state_dict, id_to_sharded_param_map, exclude_keys)
+        for pid, st in scalars.items():
+            optim_state_dict["state"][pid].update(st)
+    return optim_state_to_sharding_state
+
+
 NEMO_FIXES = [
     Patch("nemo.collections.nlp.modules.common.megatron.adapters.mcore_mixins:MCoreSelfAttentionMixin.forward",
           "LoRA attention mixin predates megatron-core 0.13's inference_context keyword",
@@ -347,6 +376,13 @@ NEMO_FIXES = [
     Patch("nemo.collections.nlp.models.language_modeling.megatron_base_model:MegatronBaseModel._enable_nvidia_optimizations",
           "NVIDIA_PYTORCH_VERSION unset -> TypeError outside the NGC container",
           _nemo_version_default),
+    *[Patch(f"nemo.collections.nlp.parts.nlp_overrides:{name}",
+            "full-parameter checkpoint saves test isinstance against apex-only optimizer classes (NameError)",
+            _never_an_instance(name), when=lambda: not _have_apex(), missing_ok=True)
+      for name in ("McoreDistributedOptimizer", "MegatronDistributedFusedAdam")],
+    Patch("nemo.collections.nlp.parts.nlp_overrides:optim_state_to_sharding_state",
+          "plain torch Adam's 0-d step state cannot be sharded: full-parameter checkpoints fail to save",
+          _scalar_optimizer_state_kept),
     Patch("nemo.collections.nlp.parts.nlp_overrides:HAVE_APEX",
           "the Megatron strategy refuses to start without apex, though the PEFT path never uses it",
           lambda _orig: True, when=lambda: not _have_apex()),
@@ -504,7 +540,19 @@ HF_FIXES = [
 
 # --------------------------------------------------------------------------- NeMo-Aligner 0.7.0
 
+def _specs_without_te(original):
+    # The reward model calls get_specs(spec_name, config) without use_te, i.e. use_te=True: the TE spec,
+    # NameError without Transformer Engine. Ask for the local spec (NEMO_FIXES' get_specs builds only it).
+    def get_specs(spec_name, transformer_config=None, use_te=True, *args, **kwargs):
+        from nemo.collections.nlp.models.language_modeling import megatron_gpt_model
+        return megatron_gpt_model.get_specs(spec_name, transformer_config, False, *args, **kwargs)
+    return get_specs
+
+
 ALIGNER_FIXES = [
+    Patch("nemo_aligner.models.nlp.gpt.megatron_gpt_reward_model:get_specs",
+          "the reward model builds the Transformer Engine spec whatever use_te says (NameError without TE)",
+          _specs_without_te, when=lambda: not _have("transformer_engine")),
     Patch("nemo_aligner.utils.train_utils:clip_grad_norm_fp32",
           "Aligner's clip_gradients imports NeMo's apex clipper by name (multi_tensor_applier)",
           _torch_clip_grad_norm, when=lambda: not _have_apex()),

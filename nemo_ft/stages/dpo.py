@@ -13,24 +13,22 @@ their margin and accuracy (train and validation); dpo.png plots them.
 """
 from __future__ import annotations
 
-import json
 import math
 from functools import partial
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from nemo_ft import artifacts, reshard
 from nemo_ft.config.entry import stage_main
 from nemo_ft.config.validate import check_aligner_loop, check_parallel, check_peft, check_restore, check_stack
 from nemo_ft.errors import ConfigError, InputError
 from nemo_ft.nemo_archive import NemoArchive
-from nemo_ft.stages import lifecycle
+from nemo_ft.stages import aligner, lifecycle
 from nemo_ft.stages.metrics import read_metrics
 
 BASE_KEY = "pretrained_checkpoint.restore_from_path"
 NEMO_INPUTS = (BASE_KEY, "sft_adapter", "model.peft.restore_from_path")
-SPLIT_ROLES = ("train", "validation", "test")
 
 
 def derive(cfg: DictConfig) -> list[str]:
@@ -43,18 +41,8 @@ def derive(cfg: DictConfig) -> list[str]:
             cfg.pretrained_checkpoint.restore_from_path = base
         notes.append(f"from {m.path}: SFT adapter {cfg.sft_adapter} merged into {base} before DPO")
     if cfg.data_dir:
-        prep = artifacts.read_manifest(cfg.data_dir, stage="prep", key="data_dir")
-        cfg.model.data.data_prefix = {role: [str(prep.output(role))] for role in SPLIT_ROLES}
+        cfg.model.data.data_prefix = aligner.data_prefix_from(cfg.data_dir)
     return notes
-
-
-def _rows(path) -> list:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _split_file(cfg, role):
-    files = list(OmegaConf.select(cfg, f"model.data.data_prefix.{role}") or [])
-    return files[0] if len(files) == 1 else None
 
 
 def over_length_pairs(cfg) -> dict:
@@ -76,73 +64,32 @@ def over_length_pairs(cfg) -> dict:
         (Path(d) / name).write_bytes(data)
         tok = Tokenizer("sentencepiece", str(Path(d) / name))
         for role in ("train", "validation"):
-            path = _split_file(cfg, role)
+            path = aligner.split_file(cfg, role)
             if path and Path(path).exists():
-                rows = _rows(path)
+                rows = aligner.rows(path)
                 out[role] = [i + 1 for i, r in enumerate(rows) if "chosen_response" in r
                              and dpo_pair_length(tok, r, eod) > seq]
     return out
 
 
-def _base_tokenizer_sha(cfg):
-    with NemoArchive(OmegaConf.select(cfg, BASE_KEY), key=BASE_KEY) as a:
-        return a.tokenizer_sha256()
-
-
 def check_data(cfg: DictConfig, base_ok: bool) -> list:
     """Aligner's DPO dataset, asked the questions it answers only at train time (or never)."""
     errors = []
-    if cfg.model.data.data_prefix is None:
-        return [ConfigError("model.data.data_prefix", "is required: {train: [f], validation: [f], test: [f]} of "
-                                                      "`nemo-ft prep task=dpo` output (or data_dir=<that out_dir>)")]
     if cfg.model.data.over_length not in ("reject", "keep"):
         errors.append(ConfigError("model.data.over_length", f"{cfg.model.data.over_length!r}: expected reject or keep"))
-    gbs = int(cfg.model.global_batch_size)
-    base_tok = _base_tokenizer_sha(cfg) if base_ok else None
-    for role in ("train", "validation"):
-        key = f"model.data.data_prefix.{role}"
-        path = _split_file(cfg, role)
-        if path is None:
-            errors.append(ConfigError(key, "one JSONL file per split (Aligner reads a one-element list)"))
-            continue
-        if not Path(path).exists():
-            errors.append(ConfigError(key, f"file not found: {path}"))
-            continue
-        rows = _rows(path)
-        if rows and "chosen_response" not in rows[0]:
-            errors.append(InputError("rows are not Aligner DPO rows {prompt, chosen_response, rejected_response}; "
-                                     "run `nemo-ft prep task=dpo`", path=path, key=key))
-        if len(rows) < gbs:  # Aligner: zero steps per epoch (train) or zero batches (validation)
-            errors.append(InputError(f"holds {len(rows)} pair(s), fewer than one global batch "
-                                     f"(model.global_batch_size={gbs}): Aligner would run zero steps; add pairs or "
-                                     "lower the batch", path=path, key=key))
-        try:
-            m = artifacts.manifest_next_to(path)
-            if m is None or m.stage != "prep":
-                continue
-            m.verify(m.record_for(path))
-            if m.summary.get("task") != "dpo":
-                errors.append(InputError(f"was prepared with task={m.summary.get('task')}; DPO needs task=dpo",
-                                         path=path, key=key))
-            append_eod = bool((m.config or {}).get("dpo", {}).get("append_eod", False))
-            if append_eod != bool(cfg.model.data.append_eod):
-                errors.append(ConfigError("model.data.append_eod", f"{path} was prepared with dpo.append_eod="
-                                          f"{append_eod} (its lengths and prefix checks assume it); set "
-                                          f"model.data.append_eod={str(append_eod).lower()}"))
-            prep_tok = (m.summary.get("tokenizer") or {}).get("sha256")
-            if prep_tok and base_tok and prep_tok != base_tok:
-                errors.append(InputError("was tokenized by prep with another tokenizer than the base's; re-run prep "
-                                         "with the base's tokenizer", path=path, key=key))
-        except InputError as err:
-            errors.append(err)
+    base_tok = aligner.base_tokenizer_sha(OmegaConf.select(cfg, BASE_KEY)) if base_ok else None
+    errors += aligner.check_splits(cfg, task="dpo", units=len, unit="pair",
+                                   row_keys=("prompt", "chosen_response", "rejected_response"),
+                                   append_eod=bool(cfg.model.data.append_eod), append_eod_key="model.data.append_eod",
+                                   prep_eod_key="dpo.append_eod", base_tok=base_tok)
     if base_ok and cfg.model.data.over_length == "reject" and not errors:
         for role, lines in over_length_pairs(cfg).items():
             if lines:
-                rows = len(_rows(_split_file(cfg, role)))
-                errors.append(InputError(f"{len(lines)} of {rows} pairs are longer than model.data.seq_length="
-                                         f"{cfg.model.data.seq_length} (lines {lines[:5]}): Aligner would train on "
-                                         "them with zero loss, silently. Re-prep with that seq_length, or set "
-                                         "model.data.over_length=keep", path=_split_file(cfg, role),
+                path = aligner.split_file(cfg, role)
+                errors.append(InputError(f"{len(lines)} of {len(aligner.rows(path))} pairs are longer than "
+                                         f"model.data.seq_length={cfg.model.data.seq_length} (lines {lines[:5]}): "
+                                         "Aligner would train on them with zero loss, silently. Re-prep with that "
+                                         "seq_length, or set model.data.over_length=keep", path=path,
                                          key=f"model.data.data_prefix.{role}"))
     return errors
 
@@ -198,14 +145,9 @@ def merge_sft(run, cfg) -> Path:
 
 def run(cfg: DictConfig) -> dict:
     from nemo_aligner.algorithms.dpo import DPOTrainer, dpo_custom_collate
-    from nemo_aligner.data.nlp.builders import build_dataloader, build_train_valid_test_dpo_datasets, identity_collate
+    from nemo_aligner.data.nlp.builders import build_train_valid_test_dpo_datasets, identity_collate
     from nemo_aligner.models.nlp.gpt.megatron_gpt_dpo_model import MegatronGPTDPOModel
-    from nemo_aligner.utils.distributed import Timer
-    from nemo_aligner.utils.train_script_utils import (CustomLoggerWrapper, add_custom_checkpoint_callback,
-                                                       extract_optimizer_scheduler_from_ptl_model, init_distributed,
-                                                       init_peft, init_using_ptl, retrieve_custom_trainer_state_dict)
-
-    from nemo_ft.stages.callbacks import jsonl_logger
+    from nemo_aligner.utils.train_script_utils import init_peft
 
     run = lifecycle.start("dpo", cfg, checks=checks, derive=derive, nemo_inputs=NEMO_INPUTS, aligner=True)
     base = Path(cfg.pretrained_checkpoint.restore_from_path)
@@ -214,40 +156,18 @@ def run(cfg: DictConfig) -> dict:
     model = run.restore(base, model_cls=MegatronGPTDPOModel)
     init_peft(model, model.cfg)
     before = lifecycle.param_digests(model)
-    init_distributed(run.trainer, model, cfg.model.get("transformer_engine", False))
-
-    gbs, mbs = int(cfg.model.global_batch_size), int(cfg.model.micro_batch_size)
-    data_cfg = model.cfg.copy()
-    with open_dict(data_cfg):
-        data_cfg.data.data_prefix = OmegaConf.to_container(cfg.model.data.data_prefix)
-        data_cfg.data.index_mapping_dir = str(run.dir / "data_index")
-    train_ds, val_ds, _ = build_train_valid_test_dpo_datasets(
-        cfg=data_cfg, data_prefix=data_cfg.data.data_prefix, data_impl="jsonl", splits_string=None,
-        train_valid_test_num_samples=[-1 * gbs] * 3, seq_length=int(cfg.model.data.seq_length), seed=cfg.model.seed,
-        tokenizer=model.tokenizer)
-    state = retrieve_custom_trainer_state_dict(run.trainer) if run.trainer.ckpt_path else None
-    consumed = state["consumed_samples"] if state else 0
-    loader_cfg = OmegaConf.create({"model": {"seed": cfg.model.seed, "data": {"num_workers": 0}}})
-    train_dl = build_dataloader(cfg=loader_cfg, dataset=train_ds, consumed_samples=consumed, mbs=mbs, gbs=gbs,
-                                load_gbs=True, pad_samples_to_global_batch_size=False, collate_fn=identity_collate)
-    val_dl = build_dataloader(cfg=loader_cfg, dataset=val_ds, consumed_samples=0, mbs=mbs, gbs=gbs, load_gbs=True,
-                              pad_samples_to_global_batch_size=False, collate_fn=identity_collate,
-                              use_random_sampler=False)
-    init_using_ptl(run.trainer, model, train_dl, train_ds)
-    optimizer, scheduler = extract_optimizer_scheduler_from_ptl_model(model)
-    logger = CustomLoggerWrapper(list(run.trainer.loggers) + [jsonl_logger(run.metrics, run.rank0)])
+    loop = aligner.setup_loop(run, model, build_train_valid_test_dpo_datasets, collate_fn=identity_collate)
     trainer = DPOTrainer(
-        cfg=cfg.trainer.dpo, model=model, optimizer=optimizer, scheduler=scheduler, train_dataloader=train_dl,
-        val_dataloader=val_dl, test_dataloader=None,
+        cfg=cfg.trainer.dpo, model=model, optimizer=loop.optimizer, scheduler=loop.scheduler,
+        train_dataloader=loop.train_dl, val_dataloader=loop.val_dl, test_dataloader=None,
         collate_fn=partial(dpo_custom_collate, eos_id=model.tokenizer.eos_id,
                            reset_position_ids=cfg.model.data.reset_position_ids,
                            reset_attention_mask=cfg.model.data.reset_attention_mask,
                            eod_mask_loss=cfg.model.data.eod_mask_loss),
-        logger=logger, ckpt_callback=add_custom_checkpoint_callback(run.trainer, model),
-        run_timer=Timer(cfg.exp_manager.get("max_time_per_run")),
+        logger=loop.logger, ckpt_callback=loop.ckpt_callback, run_timer=loop.run_timer,
         pad_length_to_multiple_of=cfg.model.data.pad_length_to_multiple_of)
-    if state is not None:
-        trainer.load_state_dict(state)
+    if loop.state is not None:
+        trainer.load_state_dict(loop.state)
     trainer.fit()
     after = lifecycle.param_digests(model)
 
@@ -273,7 +193,7 @@ def run(cfg: DictConfig) -> dict:
     outputs = {"adapter": adapter, "dpo_png": png}
     if cfg.sft_adapter:
         outputs["base"] = run.dir / "sft_merged_base.nemo"  # what the adapter applies to (export/eval use it)
-    data = {role: list(OmegaConf.to_container(cfg.model.data.data_prefix)[role]) for role in SPLIT_ROLES}
+    data = {role: list(OmegaConf.to_container(cfg.model.data.data_prefix)[role]) for role in aligner.SPLIT_ROLES}
     run.finish(summary, outputs=outputs, inputs={"base": cfg.pretrained_checkpoint.restore_from_path,
                                                  "sft_adapter": cfg.sft_adapter, **data})
     if train:
@@ -288,44 +208,13 @@ def run(cfg: DictConfig) -> dict:
 
 def plot_preference(metrics: Path, out: Path, title: str) -> Path:
     """Loss, rewards chosen/rejected, their margin and accuracy, train (per step) and validation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train, val = read_metrics(metrics)
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    steps, vsteps = [r["step"] for r in train], [r["step"] for r in val]
-    panels = [("loss", "loss (ln 2 = no preference)"), ("rewards", "implicit reward (beta log pi/pi_ref)"),
-              ("margin", "reward margin chosen - rejected"), ("acc", "reward accuracy (chosen > rejected)")]
-    for ax, (key, label) in zip(axes.flat, panels):
-        if key == "rewards":
-            ax.plot(steps, [r.get("rewards_chosen_mean") for r in train], label="chosen (train)", lw=1)
-            ax.plot(steps, [r.get("rewards_rejected_mean") for r in train], label="rejected (train)", lw=1)
-            if val:
-                ax.plot(vsteps, [r.get("rewards_chosen_mean") for r in val], "o-", label="chosen (validation)")
-                ax.plot(vsteps, [r.get("rewards_rejected_mean") for r in val], "o-", label="rejected (validation)")
-        else:
-            def get(r):
-                return (r.get("rewards_chosen_mean", 0) - r.get("rewards_rejected_mean", 0)) if key == "margin" else r.get(key)
-            ax.plot(steps, [get(r) for r in train], label="train", lw=1)
-            if val:
-                ax.plot(vsteps, [get(r) for r in val], "o-", label="validation")
-        if key == "loss":
-            ax.axhline(0.6931, color="grey", ls=":", lw=1)
-        if key == "acc":
-            ax.axhline(0.5, color="grey", ls=":", lw=1)
-            ax.set_ylim(-0.05, 1.05)
-        ax.set_title(label, fontsize=10)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    with artifacts.atomic_write(out, "wb") as f:
-        fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return out
+    def margin(r):
+        return r.get("rewards_chosen_mean", 0) - r.get("rewards_rejected_mean", 0)
+    return aligner.plot_panels(metrics, out, title, [
+        ("preference loss (ln 2 = no preference)", [("preference_loss", "loss")], math.log(2)),
+        ("implicit reward (beta log pi/pi_ref)", [("rewards_chosen_mean", "chosen"), ("rewards_rejected_mean", "rejected")], None),
+        ("reward margin chosen - rejected", [(margin, "margin")], 0.0),
+        ("reward accuracy (chosen > rejected)", [("acc", "accuracy")], 0.5)])
 
 
 @stage_main("dpo", "dpo")

@@ -27,7 +27,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from nemo_ft import artifacts
 from nemo_ft.config.entry import stage_main
@@ -247,7 +247,7 @@ def _export(run: lifecycle.StageRun, cfg: DictConfig, tmp: Path) -> dict:
 
     # 2. NeMo restores the base (TP=1) and, later, the canonical adapter onto it
     base = _restore_base(run, cfg)
-    model, base_state, base_np, out_dtype, vocab, probe = base.model, base.state, base.np, base.dtype, base.vocab, base.probe
+    model, base_np, out_dtype, vocab, probe = base.model, base.np, base.dtype, base.vocab, base.probe
     tol = float(cfg.tolerance)
     logits = {"base": base.logits}
 

@@ -141,22 +141,26 @@ class StageRun:
         """A new model from a config (nemo-ft base), through NeMo's constructor."""
         return self._synced(model_cls(model_cfg.model, trainer=self.trainer))
 
-    def restore(self, path, model_cls=None, model_cfg: Optional[DictConfig] = None):
+    def restore(self, path, model_cls=None, model_cfg: Optional[DictConfig] = None, connector=None,
+                strict: bool = True):
         """NeMo's own restore of a .nemo with our settings merged over its config (merge_cfg_with)."""
         from nemo.collections.nlp.parts.nlp_overrides import NLPSaveRestoreConnector
 
         if model_cls is None:
             from nemo.collections.nlp.models.language_modeling.megatron_gpt_sft_model import MegatronGPTSFTModel
             model_cls = MegatronGPTSFTModel
-        if model_cfg is None:
+        if model_cfg is None and hasattr(model_cls, "merge_cfg_with"):  # NeMo's PEFT-capable models
             model_cfg = model_cls.merge_cfg_with(str(path), self.nemo_cfg())
+        elif model_cfg is None:  # e.g. Aligner's reward model: Aligner's own merge
+            from nemo_aligner.utils.utils import load_and_override_model_config
+            model_cfg = load_and_override_model_config(str(path), self.nemo_cfg().model)
         with open_dict(model_cfg):
             # The checkpoint's own `target` would make NeMo build that class instead of the one asked for
             # (a base saved by the SFT model restored for DPO stays an SFT model); Aligner drops it too.
             model_cfg.pop("target", None)
             model_cfg.pop("nemo_version", None)
-        model = model_cls.restore_from(str(path), model_cfg, trainer=self.trainer,
-                                       save_restore_connector=NLPSaveRestoreConnector())
+        model = model_cls.restore_from(str(path), model_cfg, trainer=self.trainer, strict=strict,
+                                       save_restore_connector=connector or NLPSaveRestoreConnector())
         return self._synced(model)
 
     def save_nemo(self, model, out, check: Optional[Callable[[Path], dict]] = None) -> tuple[Path, dict]:

@@ -4,8 +4,9 @@
     python tests/e2e/model_probe.py BASE [--adapter A.nemo] --inputs ids.json --mode logits|greedy|nocache \
         [--max-new 16] [overrides...]
 
-inputs: a JSON list of token-id lists (or of strings for greedy). Output (rank 0, last line): JSON with
-"logits" ([prompt][position][vocab], gathered over TP) or "generations" ([{ids, ended_with_eos}]).
+inputs: a JSON list of token-id lists (or of strings for greedy and reward). Output (rank 0, last line):
+JSON with "logits" ([prompt][position][vocab], gathered over TP), "generations" ([{ids, ended_with_eos}])
+or "rewards" (mode=reward: BASE is an Aligner reward model .nemo, one reward per text).
 """
 import argparse
 import json
@@ -23,7 +24,7 @@ def main(argv):
     ap.add_argument("base")
     ap.add_argument("--adapter")
     ap.add_argument("--inputs", required=True)
-    ap.add_argument("--mode", choices=("logits", "greedy", "nocache"), required=True)
+    ap.add_argument("--mode", choices=("logits", "greedy", "nocache", "reward"), required=True)
     ap.add_argument("--max-new", type=int, default=16)
     ap.add_argument("--run-dir", default="/tmp/nemo_ft_model_probe")
     args, overrides = ap.parse_known_args(argv)
@@ -37,7 +38,17 @@ def main(argv):
     from nemo_ft.runtime import generation
     from nemo_ft.stages import lifecycle
 
-    run = lifecycle.start("probe", cfg, checks=validate_sft, nemo_inputs=("model.restore_from_path",))
+    run = lifecycle.start("probe", cfg, checks=validate_sft, nemo_inputs=("model.restore_from_path",),
+                          aligner=args.mode == "reward")
+    if args.mode == "reward":  # a NeMo-Aligner reward model .nemo: its head scores whole texts
+        from nemo_aligner.models.nlp.gpt.megatron_gpt_reward_model import MegatronGPTRewardModel
+        model = run.restore(args.base, model_cls=MegatronGPTRewardModel)
+        model.eval()
+        with torch.no_grad():
+            rewards = model.infer(json.loads(open(args.inputs).read()))
+        if run.rank0:
+            print(json.dumps({"rewards": rewards.float().flatten().tolist()}))
+        return
     model = run.restore(args.base)
     if args.adapter:
         model.load_adapters(args.adapter)

@@ -116,3 +116,26 @@ def test_hf_fix_lets_transformers_convert_the_tiny_tokenizer_beside_nemos_protob
     sp = spm.SentencePieceProcessor(model_file=str(DATA_DIR / "tiny" / "tokenizer.model"))
     assert len(proto.pieces) == sp.get_piece_size() and proto.pieces[5].piece == sp.id_to_piece(5)
     assert proto.normalizer_spec.name == "identity"  # the Llama-style recipe HF's converter reproduces
+
+
+def test_scalar_adam_state_survives_sharding_and_the_live_optimizer_is_untouched():
+    """torch Adam's 0-d `step` cannot become a ShardedTensor (megatron asserts shapes): it stays plain
+    (common) state in the checkpoint, and the optimizer keeps training (its own state dicts untouched)."""
+    import torch
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.optimizer import optim_state_to_sharding_state
+
+    patch = next(p for p in patches.NEMO_FIXES if p.target.endswith(":optim_state_to_sharding_state"))
+    fixed = patch.make(optim_state_to_sharding_state)
+    w = torch.nn.Parameter(torch.randn(3, 2))
+    opt = torch.optim.Adam([w])
+    w.grad = torch.ones_like(w)
+    opt.step()
+    sd = opt.state_dict()
+    sharded = {0: ShardedTensor.from_rank_offsets("w", w.detach())}
+    with pytest.raises(Exception):  # megatron's own: the 0-d step does not match the parameter's shape
+        optim_state_to_sharding_state(opt.state_dict(), sharded)
+    fixed(sd, sharded)
+    assert isinstance(sd["state"][0]["exp_avg"], ShardedTensor) and sd["state"][0]["step"].dim() == 0
+    assert set(opt.state[w]) == {"step", "exp_avg", "exp_avg_sq"}  # the live state still has its step
+    opt.step()  # and trains on

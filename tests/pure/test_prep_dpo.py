@@ -255,3 +255,30 @@ def test_huggingface_tokenizer_without_eos_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="template.add_eos"):
         prep(tmp_path, [FIX / "prompt_completion.jsonl"], tokenizer={"library": "huggingface",
                                                                       "model": str(tmp_path / "tok")})
+
+
+def test_rm_task_writes_aligners_alternating_pairs_and_keeps_them_together(tmp_path):
+    """task=rm: NeMo-Aligner's reward-model JSONL, chosen then rejected {"text": prompt + response}; an
+    over-length pair is rejected whole (Aligner would skip it and its neighbour); mixing repeats pairs."""
+    src = tmp_path / "prefs.jsonl"
+    rows = [{"prompt": f"Q{i}?", "chosen": f" yes {i}.", "rejected": f" no {i}."} for i in range(6)]
+    rows.append({"prompt": "Q long?", "chosen": " " + " ".join(["word"] * 80), "rejected": " no."})
+    _write(src, rows)
+    m = prep(tmp_path / "a", [src], task="rm", seq_length=64)
+    c = m["summary"]["counts"]
+    assert (c["in"], c["accepted"], c["rejected"]) == (7, 6, {"rm_over_length": 1})
+    lines = read_jsonl(tmp_path / "a" / "out" / "train.jsonl")
+    assert len(lines) == 12 and all(set(r) == {"text"} for r in lines)
+    assert [r["text"] for r in lines[:2]] == ["Q0? yes 0.", "Q0? no 0."]
+    assert all(a["text"].split()[-1] == b["text"].split()[-1] and "yes" in a["text"] and "no" in b["text"]
+               for a, b in zip(lines[0::2], lines[1::2]))
+    other = tmp_path / "other.jsonl"
+    _write(other, [{"prompt": f"P{i}?", "chosen": f" a {i}.", "rejected": f" b {i}."} for i in range(2)])
+    m = prep(tmp_path / "b", [{"path": str(src), "weight": 0.5}, {"path": str(other), "weight": 0.5}], task="rm",
+             seq_length=64)
+    lines = read_jsonl(tmp_path / "b" / "out" / "train.jsonl")
+    assert len(lines) == 2 * m["summary"]["counts"]["train_rows_written"] > 16  # the small file was repeated...
+    assert all(" a " in a["text"] and " b " in b["text"] or "yes" in a["text"] and "no" in b["text"]
+               for a, b in zip(lines[0::2], lines[1::2]))  # ...as whole pairs, never split
+    with pytest.raises(ConfigError, match="pack"):
+        PrepConfig.from_dict({"input": str(src), "task": "rm", "pack": True})
