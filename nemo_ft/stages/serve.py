@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import struct
 import sys
@@ -312,7 +313,7 @@ def example_requests(engine: str, port: int, names: list[str], prompt: str) -> l
 
 def _announce(cfg, run_dir: Path, engine: str, names: list[str], ready_s: float, server_pid: int) -> dict:
     info = {"engine": engine, "url": f"http://{servers.LOOPBACK}:{cfg.port}", "models": names,
-            "base": cfg.base_name, "ready_s": round(ready_s, 2), "pid": __import__("os").getpid(),
+            "base": cfg.base_name, "ready_s": round(ready_s, 2), "pid": os.getpid(),
             "server_pid": server_pid}
     if engine == "triton":
         info["grpc"] = f"{servers.LOOPBACK}:{cfg.triton.grpc_port or int(cfg.port) + 1}"
@@ -322,6 +323,12 @@ def _announce(cfg, run_dir: Path, engine: str, names: list[str], ready_s: float,
         log(f"  {line}")
     log("Ctrl-C or SIGTERM stops it")
     return info
+
+
+def _cluster_note(plan: Plan) -> None:
+    serving_md = plan.export.dir / "serving.md"
+    if serving_md.exists():
+        log(f"on a cluster (NIM, Triton + TensorRT-LLM): {serving_md}")
 
 
 def _finish(cfg, run_dir: Path, plan: Plan, summary: dict, logs: list[Path]) -> None:
@@ -360,6 +367,7 @@ def serve_vllm(cfg, plan: Plan, run_dir: Path) -> dict:
         if served != sorted(names):
             raise servers.ServerFailed(f"/v1/models lists {served}, expected {sorted(names)}")
         _announce(cfg, run_dir, "vllm", names, summary["ready_s"], server.proc.pid)
+        _cluster_note(plan)
         while server.died() is None:
             time.sleep(0.5)
         raise servers.ServerFailed(f"vLLM {server.died()}; the last lines of {vlog}:\n"
@@ -373,8 +381,6 @@ def serve_vllm(cfg, plan: Plan, run_dir: Path) -> dict:
 
 
 def serve_triton(cfg, plan: Plan, run_dir: Path) -> dict:
-    import os
-
     from nemo_ft.nemo_archive import NemoArchive
     from nemo_ft.runtime.multi_adapter import AdapterBank, triton_model
     from nemo_ft.stages import lifecycle
@@ -389,11 +395,13 @@ def serve_triton(cfg, plan: Plan, run_dir: Path) -> dict:
     def read_weights(path):
         with NemoArchive(path, key="adapter") as archive:
             return {k: t for state in archive.tensors().values() for k, t in state.items()}
-    bank = AdapterBank(restore=lambda: run.restore(str(plan.base_nemo)), adapters={a.name: a.nemo for a in plan.adapters},
+    bank = AdapterBank(restore=lambda: run.restore(str(plan.base_nemo)),
+                       adapters={a.name: a.nemo for a in plan.adapters},
                        configs={a.name: a.config for a in plan.adapters}, read_weights=read_weights,
                        base_name=str(cfg.base_name))
     summary["restore"] = dict(bank.timings, models=len(bank.groups), load_s=round(time.monotonic() - t0, 2))
-    log(f"NeMo restored {len(bank.groups)} model(s) for {len(plan.adapters)} adapter(s) in {time.monotonic() - t0:.1f} s")
+    log(f"NeMo restored {len(bank.groups)} model(s) for {len(plan.adapters)} adapter(s) in "
+        f"{time.monotonic() - t0:.1f} s")
     tok = bank.groups[0].model.tokenizer
     context = _max_model_len(cfg, plan)
     models = {n: triton_model(bank, n, tok, context, int(cfg.triton.max_new_tokens)) for n in names}
@@ -409,17 +417,20 @@ def serve_triton(cfg, plan: Plan, run_dir: Path) -> dict:
                                                 int(cfg.log_lines)) + (time.monotonic() - t1)
         server_pid = next((p for p in servers.descendants(os.getpid()) if _is_tritonserver(p)), None)
         _announce(cfg, run_dir, "triton", names, summary["ready_s"], server_pid)
+        _cluster_note(plan)
         while triton.is_alive():
             servers.remember(os.getpid(), seen)
             time.sleep(0.5)
-        raise servers.ServerFailed(f"Triton stopped; the last lines of {tlog}:\n{servers.log_tail(tlog, int(cfg.log_lines))}")
+        raise servers.ServerFailed(f"Triton stopped; the last lines of {tlog}:\n"
+                                   f"{servers.log_tail(tlog, int(cfg.log_lines))}")
     finally:
         with servers.signals_ignored():
             t2 = time.monotonic()
             if triton is not None:
                 triton.stop()
             # PyTriton's stop waits for its server and backend stubs; anything still there is killed, not left.
-            summary["stop"] = {"stop_s": round(time.monotonic() - t2, 2), "killed": servers.kill_leftovers(os.getpid(), seen)}
+            summary["stop"] = {"stop_s": round(time.monotonic() - t2, 2),
+                               "killed": servers.kill_leftovers(os.getpid(), seen)}
             summary["swaps"], summary["swap_s"] = bank.timings["swaps"], round(bank.timings["swap_s"], 6)
             log(f"Triton stopped in {summary['stop']['stop_s']} s" + (f"; killed {summary['stop']['killed']}"
                                                                        if summary["stop"]["killed"] else ""))

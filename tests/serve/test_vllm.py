@@ -45,7 +45,7 @@ def test_each_adapter_and_the_base_equal_nemo_token_for_token(vllm_lora, lookup_
             got = c.complete(model, p, MAX_NEW)
             want = nemo_answers[(model, p)]
             assert got.ids == want, (model, p, got.ids, want)
-            assert got.finish_reason == ("stop" if len(want) < MAX_NEW else got.finish_reason)
+            assert got.finish_reason == ("stop" if len(want) < MAX_NEW else "length"), (model, p)  # EOS alike
             checked += 1
     assert checked == 2 * (40 + 16)
     # The comparison can fail: each adapter changes the answers, and the lookup adapter does its task.
