@@ -11,6 +11,7 @@ Standard library only, except tritonclient/numpy inside TritonClient.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import threading
@@ -62,7 +63,7 @@ class VllmClient:
             except (ValueError, KeyError, TypeError):
                 pass
             raise ServeError(raw, err.code) from None
-        except (OSError, urllib.error.URLError) as err:  # refused, reset, timed out
+        except (OSError, http.client.HTTPException, ValueError) as err:  # refused, reset, cut short, timed out
             raise ServeError(f"{type(err).__name__}: {err}") from None
         choice = out["choices"][0]
         ids = list(choice["token_ids"])
@@ -151,6 +152,8 @@ def run_load(make_client: Callable[[], object], jobs: list, clients: int, max_to
                         latencies.append(answers[j].latency_s)
                 except ServeError as err:
                     answers[j] = err
+                except Exception as err:  # a client bug must show as an error, not as a silently dead thread
+                    answers[j] = ServeError(f"client {type(err).__name__}: {err}")
         finally:
             getattr(client, "close", lambda: None)()
 

@@ -255,7 +255,10 @@ def kill_leftovers(pid: int, seen: Optional[dict] = None) -> list[str]:
     dead parent's children no longer are below it. Returns "pid cmdline" of each: none when the server
     stopped well."""
     seen = remember(pid, dict(seen or {}))
-    left = [p for p, t in seen.items() if t is not None and alive(p, t)]
+    # Python's multiprocessing resource tracker (torch starts one) is this interpreter's helper, not the
+    # server's: it ends when we do, and killing it first only makes it warn.
+    left = [p for p, t in seen.items() if t is not None and alive(p, t)
+            and "multiprocessing.resource_tracker" not in cmdline(p)]
     out = [f"{p} {cmdline(p)[:120]}" for p in left]
     for p in left:
         with contextlib.suppress(ProcessLookupError):

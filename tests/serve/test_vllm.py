@@ -118,3 +118,30 @@ def test_merged_hf_without_lora_equals_the_lora_request_and_a_killed_server_fail
         served.proc.wait(timeout=60)
     out = served.output()
     assert "the server failed: vLLM exited" in out and "the last lines of" in out, out[-3000:]
+
+
+@pytest.mark.parametrize("why", ["exits", "too_slow"])
+def test_a_server_that_does_not_come_up_is_stopped_with_its_own_log(why, lookup_export, tmp_path):
+    """vLLM refusing its arguments (exits at once) or missing the readiness deadline: exit 1, the tail of
+    vLLM's own log on stderr, and no process left."""
+    import subprocess
+
+    from tests.conftest import _free_port, stage_env
+    from tests.serve.conftest import REPO, alive, serve_args, tree
+    need_serve_env("vllm")
+    extra = ["vllm.extra_args=[--no-such-flag]"] if why == "exits" else ["ready_timeout_s=3"]
+    proc = subprocess.Popen(serve_args("vllm", lookup_export, _free_port(), tmp_path / "r", *extra), cwd=REPO,
+                            env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    seen = set()
+    while proc.poll() is None:
+        seen |= set(tree(proc.pid))
+        time.sleep(0.2)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, out[-2000:] + err[-2000:]
+    assert err.startswith("nemo-ft serve: the server failed: "), err[-3000:]  # one message, then vLLM's log
+    if why == "exits":
+        assert "exited with code" in err and "before it was ready" in err and "--no-such-flag" in err, err[-3000:]
+    else:
+        assert "not ready after 3 s" in err and "the last lines of" in err, err[-3000:]
+    assert len(seen) > 1 and not alive(seen)
