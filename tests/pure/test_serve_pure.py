@@ -73,7 +73,7 @@ def test_child_server_stop_ends_the_whole_tree_even_when_it_ignores_sigterm(tmp_
     script = "trap '' TERM; sleep 60 & setsid sleep 60 & sleep 60 & wait"
     server = servers.ChildServer.start("x", ["bash", "-c", script], dict(os.environ), tmp_path / "x.log")
     time.sleep(0.5)
-    assert server.died() is None and len(server.seen) == 3
+    assert server.died() is None and len(server.seen) >= 3
     report = server.stop(timeout_s=1.0)
     assert report["left"] == [] and len(report["killed"]) >= 3, report
     assert not [p for p in server.seen if servers.alive(p)]

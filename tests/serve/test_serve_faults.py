@@ -14,7 +14,7 @@ import time
 import pytest
 
 from nemo_ft import artifacts
-from tests.conftest import REPO, stage_env
+from tests.conftest import REPO, _free_port, stage_env
 from tests.serve.conftest import serve_args
 
 
@@ -40,7 +40,7 @@ def refused(tmp_path, engine, from_run, *extra):
 
     run_dir = tmp_path / "serve_run"
     t = time.monotonic()
-    proc = subprocess.run(serve_args(engine, from_run, 18999, run_dir, f"vllm.python={sys.executable}", *extra),
+    proc = subprocess.run(serve_args(engine, from_run, _free_port(), run_dir, f"vllm.python={sys.executable}", *extra),
                           cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "nothing was started" in proc.stderr, proc.stderr
@@ -146,7 +146,7 @@ def test_a_signal_while_nemo_restores_stops_cleanly(lookup_export, tmp_path, sig
     if importlib.util.find_spec("pytriton") is None:
         pytest.skip("needs PyTriton in this venv (make serve-env)")
     run_dir = tmp_path / "r"
-    proc = subprocess.Popen(serve_args("triton", lookup_export, 18998, run_dir), cwd=REPO, env=stage_env(),
+    proc = subprocess.Popen(serve_args("triton", lookup_export, _free_port(), run_dir), cwd=REPO, env=stage_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     time.sleep(4)
     seen = tree(proc.pid)
