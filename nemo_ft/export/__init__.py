@@ -14,7 +14,9 @@ from nemo_ft.export.hf_llama import (
     check_llama_compatible, fuse_qkv, hf_llama_config, hf_to_nemo_llama, nemo_config_from_hf,
     nemo_to_hf_llama, split_fc1, split_qkv,
 )
-from nemo_ft.export.hf_peft import HF_LORA_MODULES, hf_peft_adapter_config, hf_target_modules, lora_to_hf_peft
+from nemo_ft.export.hf_peft import (
+    HF_LORA_MODULES, hf_peft_adapter_config, hf_peft_shapes, hf_target_modules, lora_to_hf_peft,
+)
 
 __all__ = [
     "AdapterSpec", "ModelSpec", "check_layout",
@@ -23,5 +25,5 @@ __all__ = [
     "lora_delta", "merge_lora",
     "check_llama_compatible", "fuse_qkv", "hf_llama_config", "hf_to_nemo_llama", "nemo_config_from_hf",
     "nemo_to_hf_llama", "split_fc1", "split_qkv",
-    "HF_LORA_MODULES", "hf_peft_adapter_config", "hf_target_modules", "lora_to_hf_peft",
+    "HF_LORA_MODULES", "hf_peft_adapter_config", "hf_peft_shapes", "hf_target_modules", "lora_to_hf_peft",
 ]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from nemo_ft.errors import ConfigError
 from nemo_ft.export.hf_llama import split_fc1, split_qkv
-from nemo_ft.export.layout import check_adapter, lora_key
+from nemo_ft.export.layout import check_adapter, lora_key, lora_shapes
 from nemo_ft.export.spec import AdapterSpec
 
 # NeMo target -> HF Llama module names (under model.layers.N.)
@@ -56,6 +56,23 @@ def lora_to_hf_peft(adapter: dict, spec: AdapterSpec) -> dict:
                 base = f"{HF_PEFT_PREFIX}{layer}.{module}"
                 out[f"{base}.lora_A.weight"] = a  # shared A: the same array for each unfused module
                 out[f"{base}.lora_B.weight"] = b_part
+    return out
+
+
+def hf_peft_shapes(spec: AdapterSpec) -> dict:
+    """{key: shape} of the tensors lora_to_hf_peft writes for this spec: what a server loading the HF-PEFT
+    adapter onto the spec's base will expect (A [r, in] per unfused module, B [its rows, r])."""
+    _check(spec)
+    m, r = spec.model, spec.adapter_dim
+    out = {}
+    for layer in spec.layers_of("lora"):
+        for target in spec.targets:
+            a_shape, b_shape = lora_shapes(spec, target)
+            rows = {"attention_qkv": (m.q_size, m.kv_size, m.kv_size),
+                    "mlp_fc1": (m.ffn_hidden_size, m.ffn_hidden_size)}.get(target, (b_shape[0],))
+            for module, n in zip(HF_LORA_MODULES[target], rows):
+                out[f"{HF_PEFT_PREFIX}{layer}.{module}.lora_A.weight"] = a_shape
+                out[f"{HF_PEFT_PREFIX}{layer}.{module}.lora_B.weight"] = (n, r)
     return out
 
 
