@@ -136,8 +136,8 @@ def test_bad_config_is_refused_before_anything_starts(lookup_export, tmp_path):
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
-def test_a_signal_while_nemo_restores_stops_cleanly(lookup_export, tmp_path, sig):
-    """Stopped before the server is even up (Triton engine, during NeMo's restore): exit 0, no process left."""
+def test_a_signal_while_it_starts_stops_cleanly(lookup_export, tmp_path, sig):
+    """Stopped 4 s in, before the Triton engine is up (checks, NeMo imports or restore): exit 0, no process left."""
     import importlib.util
     import signal
     import subprocess
