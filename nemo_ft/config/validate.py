@@ -324,6 +324,3 @@ def check_aligner_loop(cfg, section: str) -> Iterable[ConfigError]:
     if isinstance(vci, int) and isinstance(save, int) and vci > 0 and save % vci:
         yield ConfigError(f"trainer.{section}.save_interval", f"{save} must be a multiple of val_check_interval={vci} "
                                                              "(NeMo-Aligner asserts it after the model is built)")
-    steps = loop.get("max_steps")
-    if isinstance(vci, int) and isinstance(steps, int) and steps > 0 and vci > steps:
-        yield ConfigError(f"trainer.{section}.val_check_interval", f"{vci} > max_steps={steps}: no validation would run")
