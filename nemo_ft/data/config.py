@@ -9,7 +9,7 @@ from nemo_ft.data.split import SPLITS, check_ratios
 from nemo_ft.data.tokenize import Template
 from nemo_ft.errors import ConfigError
 
-TASKS = ("sft", "chat", "dpo", "rm")
+TASKS = ("sft", "chat", "dpo", "rm", "rlhf")
 PREFIX_MISMATCH = ("fix", "reject")
 
 
@@ -95,14 +95,19 @@ class PrepConfig:
             template = Template(**tcfg)
         except TypeError as err:
             raise ConfigError("template", f"{err}; allowed: {list(Template.__dataclass_fields__)}") from None
-        if task == "sft":
+        if task in ("sft", "rlhf"):
             template.check_keys()
+        if task == "rlhf" and template.add_bos:
+            raise ConfigError("template.add_bos", "NeMo-Aligner's RLHF dataset encodes prompts without BOS: a prompt "
+                                                  "would not start as SFT's did; use add_bos=false")
         seq_length = c.get("seq_length", 2048)
         if not isinstance(seq_length, int) or seq_length < 2:
             raise ConfigError("seq_length", f"expected an integer >= 2, got {seq_length!r}")
         over = c.get("over_length", "truncate")
         if over not in ("truncate", "reject"):
             raise ConfigError("over_length", f"expected truncate or reject, got {over!r}")
+        if c.get("pack") and task == "rlhf":
+            raise ConfigError("pack", "RLHF prompts are generated from one by one: pack needs task=sft or task=chat")
         if c.get("pack") and task == "rm":
             raise ConfigError("pack", "NeMo-Aligner's reward model reads unpacked chosen/rejected lines; pack needs "
                                       "task=sft or task=chat")

@@ -7,6 +7,7 @@ REASONS = (
     "blank_line", "invalid_utf8", "invalid_json", "not_object", "missing_key", "empty_value",
     "wrong_type", "bad_conversation", "dpo_prompt_mismatch", "chosen_equals_rejected", "duplicate", "near_duplicate",
     "too_long", "chat_header_not_token_prefix", "dpo_prompt_not_token_prefix", "dpo_over_length", "rm_over_length",
+    "rlhf_prompt_too_long", "rlhf_prompt_not_sft_context",
 )
 
 

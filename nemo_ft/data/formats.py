@@ -41,7 +41,8 @@ ROLE_ALIASES = {
     "Assistant": "Assistant", "system": "system", "System": "system",
 }
 
-TASK_KINDS = {"sft": ("sft", "chat"), "chat": ("sft", "chat"), "dpo": ("pref",), "rm": ("pref",)}
+TASK_KINDS = {"sft": ("sft", "chat"), "chat": ("sft", "chat"), "dpo": ("pref",), "rm": ("pref",),
+              "rlhf": ("sft", "chat", "pref")}
 
 
 def read_lines(path: str) -> Iterator[Tuple[int, bytes]]:
@@ -266,6 +267,10 @@ def _dpo_row(ex: dict, prompt_format: str) -> dict:
 
 def for_task(ex: dict, kind: str, task: str, dpo_prompt_format: str = "plain") -> dict:
     """The row as the chosen task's NeMo reader wants it (keys are NeMo's / Aligner's)."""
+    if task == "rlhf":  # a prompt and its reference answer: rendered by the tokenizer-aware rlhf_prompt
+        if kind == "pref":
+            return {"prompt": ex["prompt"], "reference": ex["chosen"]}
+        return for_task(ex, kind, "sft")
     if task == "sft":
         if kind == "chat":
             return {"input": render_chat_prompt(ex["system"], ex["turns"][:-1]),

@@ -34,7 +34,7 @@ from nemo_ft.data.errors import REASONS, PrepError, RowReject
 from nemo_ft.data.normalize import dedup_text, example_key
 from nemo_ft.data.pack import save_object_npy
 from nemo_ft.data.split import SPLITS, assign_split
-from nemo_ft.data.tokenize import Template, Tokenizer, check_template, encode_chat, fit_dpo, fit_sft
+from nemo_ft.data.tokenize import Template, Tokenizer, check_template, encode_chat, fit_dpo, fit_sft, rlhf_prompt
 
 DETECT_LINES = 1000  # how far into a file we look for the first row that reveals its format
 
@@ -104,6 +104,8 @@ def _process_chunk(chunk, fmt: str):
                 if ntok > cfg.seq_length:
                     raise RowReject("rm_over_length", f"{ntok} tokens > seq_length={cfg.seq_length} (Aligner would "
                                                       "skip this pair and the next one)")
+            elif cfg.task == "rlhf":
+                row, ntok = rlhf_prompt(tok, cfg.template, row, cfg.seq_length)
             elif cfg.task == "dpo":
                 row, ntok, truncated, fixed = fit_dpo(tok, row, cfg.seq_length, cfg.over_length == "truncate",
                                                       cfg.dpo_prefix_mismatch == "fix", cfg.dpo_append_eod)

@@ -147,6 +147,31 @@ def encode_sft(tok: Tokenizer, tpl: Template, ex: Dict[str, str]) -> Tuple[List[
     return ids, len(context), piece_ids, keys
 
 
+def rlhf_prompt(tok: Tokenizer, tpl: Template, row: Dict[str, str], seq_length: int) -> Tuple[Dict[str, str], int]:
+    """({"text": prompt, "reference": answer}, prompt tokens) for NeMo-Aligner's RLHF prompt dataset.
+
+    An SFT row's prompt is the template rendered up to the label, and it must encode to exactly the
+    context tokens SFT trained on (NeMo tokenizes the template's pieces one by one; Aligner encodes the
+    prompt text whole): otherwise the policy would be asked to continue a prompt it never saw. The
+    reference is the label's text as SFT rendered it. Aligner's RLHFDataset silently skips prompts
+    longer than seq_length // 2 (it moves on to the next row): rejected here instead."""
+    if "reference" in row:  # preference rows: the prompt as given, the chosen response as the reference
+        text, reference = row["prompt"], row["reference"]
+        ids = tok.encode(text)
+    else:
+        strings, _ = tpl.pieces(row, tok.space_sensitive)
+        context = [i for s in strings[:-1] for i in tok.encode(s)]
+        text, reference = "".join(strings[:-1]), strings[-1]
+        ids = tok.encode(text)
+        if ids != context:
+            raise RowReject("rlhf_prompt_not_sft_context", "the prompt text encodes to other tokens than SFT's "
+                                                           "template pieces do (a merge across a piece boundary)")
+    if len(ids) > seq_length // 2:
+        raise RowReject("rlhf_prompt_too_long", f"{len(ids)} prompt tokens > seq_length // 2 = {seq_length // 2} "
+                                                "(Aligner's RLHF dataset would skip the row silently)")
+    return {"text": text, "reference": reference}, len(ids)
+
+
 def fit_sft(tok: Tokenizer, tpl: Template, ex: Dict[str, str], seq_length: int, truncate: bool):
     """Encode `ex`; if longer than seq_length, cut `truncation_field` or return None (reject).
 
