@@ -20,3 +20,8 @@ if not OmegaConf.has_resolver("repo"):
 # NeMo's hydra_runner registers this one; our stages use hydra.main directly.
 if not OmegaConf.has_resolver("multiply"):
     OmegaConf.register_new_resolver("multiply", lambda x, y: x * y, replace=True)
+
+# NeMo-Aligner's RLHF scripts register these two (gpt_reinforce_actor.yaml, gpt_ppo_actor.yaml use them).
+for _name, _fn in (("int_div", lambda x, y: x // y), ("subtract", lambda x, y: x - y)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn)

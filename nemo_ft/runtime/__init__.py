@@ -104,7 +104,7 @@ def sync_app_state() -> None:
     app.model_parallel_size = app.tensor_model_parallel_size * app.pipeline_model_parallel_size
 
 
-def prepare(cfg, aligner: bool = False) -> Runtime:
+def prepare(cfg, aligner: bool = False, rlhf: bool = False) -> Runtime:
     cuda = wants_cuda(cfg)
     if cuda:
         import torch
@@ -119,5 +119,10 @@ def prepare(cfg, aligner: bool = False) -> Runtime:
         patches.apply(patches.ALIGNER_FIXES)
         if not cuda:
             patches.apply(patches.ALIGNER_CPU_PATCHES)
+    if rlhf:  # REINFORCE/PPO actors and their servers (stubs first: the patch targets import the actor)
+        patches.install_stubs(patches.RLHF_STUBS)
+        patches.apply(patches.RLHF_FIXES)
+        if not cuda:
+            patches.apply(patches.RLHF_CPU_PATCHES)
     return init_distributed(int(cfg.model.get("tensor_model_parallel_size", 1)),
                             int(cfg.model.get("pipeline_model_parallel_size", 1)), cuda)

@@ -484,6 +484,9 @@ def _seed_tracker_too(original):
 CPU_PATCHES = [
     Patch("torch:Tensor.cuda", "keep tensors on the CPU", _identity_cuda),
     Patch("torch.nn:Module.cuda", "keep modules on the CPU", _identity_cuda),
+    Patch("lightning.fabric.utilities.device_dtype_mixin:_DeviceDtypeModuleMixin.cuda",
+          "NeMo's generate calls self.cuda() on the Lightning module, which asks torch.device('cuda', index)",
+          _identity_cuda),
     Patch("torch.cuda:current_device", "device=torch.cuda.current_device() -> cpu", _cpu_device),
     Patch("torch.cuda:synchronize", "pipeline schedules synchronize the device", _noop),
     Patch("torch.cuda:LongTensor", "NeMo builds index tensors with torch.cuda.LongTensor", lambda _o: __import__("torch").LongTensor),
@@ -562,3 +565,105 @@ ALIGNER_CPU_PATCHES = [
     Patch("nemo_aligner.utils.distributed:Timer.is_finished",
           "the run timer broadcasts a device='cuda' tensor every step (DPO/RM/PPO trainers)", _on_cpu),
 ]
+
+
+# --------------------------------------------------------------------------- NeMo-Aligner 0.7.0 RLHF (REINFORCE, PPO)
+
+# The actor's client timeouts (seconds), set by the RLHF stages from their config before a client exists.
+RLHF_TIMEOUTS = {"init_s": 60.0, "inference_s": 600.0}
+
+
+def _client_timeouts(_original):
+    # HTTPCommunicator.add_server_by_name hard-codes FuturesModelClient(init_timeout_s=6000,
+    # inference_timeout_s=600000): a wrong port waits 100 minutes (Aligner issue #58). Same client, our
+    # timeouts; the stages also poll the servers' readiness themselves before the first request.
+    def add_server_by_name(self, server_name, ip="localhost", port=5555):
+        from pytriton.client import FuturesModelClient
+
+        client = FuturesModelClient(f"http://{ip}:{port}", server_name, init_timeout_s=RLHF_TIMEOUTS["init_s"],
+                                    inference_timeout_s=RLHF_TIMEOUTS["inference_s"])
+        self.connections[server_name] = (ip, port, client)
+    return add_server_by_name
+
+
+def _rebalance_with_1d_count(_original):
+    # rebalance_nd_tensor all-gathers a 0-d sample count; gloo refuses it ("ProcessGroupGloo::allgather:
+    # invalid tensor size at index 0 (expected (), got (1))"). The same gather with a 1-element count.
+    def rebalance_nd_tensor(tensor, group):
+        import torch
+        import torch.distributed as dist
+
+        counts = [torch.zeros(1, dtype=torch.int64) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(counts, torch.tensor([tensor.size(0)], dtype=torch.int64), group=group)
+        counts = torch.cat(counts)
+        out = torch.zeros(int(counts.sum()), *tensor.shape[1:], dtype=tensor.dtype, device=tensor.device)
+        out.tensor_split(counts.cumsum(0)[:-1])[dist.get_rank(group=group)].copy_(tensor)
+        dist.all_reduce(out, group=group)
+        return out
+    return rebalance_nd_tensor
+
+
+def _rebalanced(_original):
+    from nemo_aligner.utils import distributed
+    return distributed.rebalance_nd_tensor  # the patched one (applied first, see RLHF_CPU_PATCHES)
+
+
+@dataclass(frozen=True)
+class Stub:
+    """A module that cannot be imported on this stack, replaced by a stand-in before anything imports it."""
+    module: str
+    why: str
+    make: Callable[[], Any]  # () -> the stand-in module
+    when: Callable[[], bool] = lambda: True
+
+
+def _trt_llm_stub():
+    # nemo_aligner/utils/trt_llm.py imports tensorrt_llm unguarded, and both actor modules import it at
+    # module level, so the REINFORCE/PPO actors cannot even be imported without TensorRT-LLM. Generation
+    # then goes through NeMo's own generate (trt_llm.enable=false, checked up front by the stages).
+    import types
+
+    mod = types.ModuleType("nemo_aligner.utils.trt_llm")
+    mod.__doc__ = "nemo-ft stand-in: TensorRT-LLM is not installed (see nemo_ft.runtime.patches.RLHF_STUBS)"
+
+    class GPTGenerateTRTLLM:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("trt_llm.enable=true needs TensorRT-LLM (NeMo-Aligner's NGC container); it is not "
+                               "installed here: set trainer.<algorithm>.trt_llm.enable=false")
+
+    mod.GPTGenerateTRTLLM = GPTGenerateTRTLLM
+    mod.HAVE_TRTLLM = False
+    return mod
+
+
+RLHF_STUBS = [
+    Stub("nemo_aligner.utils.trt_llm", "imports tensorrt_llm unguarded; the REINFORCE and PPO actors import it",
+         _trt_llm_stub, when=lambda: not _have("tensorrt_llm")),
+]
+
+RLHF_FIXES = [
+    Patch("nemo_aligner.servers.http_communicator:HTTPCommunicator.add_server_by_name",
+          "the actor's clients wait 6000 s for a server and 600000 s for an answer (Aligner #58)", _client_timeouts),
+]
+
+RLHF_CPU_PATCHES = [
+    Patch("nemo_aligner.utils.distributed:rebalance_nd_tensor",
+          "all-gathers a 0-d count, which gloo refuses (rollout batches are rebalanced over DP)",
+          _rebalance_with_1d_count),
+    Patch("nemo_aligner.algorithms.reinforce:rebalance_nd_tensor",
+          "reinforce.py imports the name before it could be patched", _rebalanced),
+]
+
+
+def install_stubs(stubs) -> list[str]:
+    import sys
+
+    done = []
+    for stub in stubs:
+        if stub.module in sys.modules or not stub.when():
+            continue
+        sys.modules[stub.module] = stub.make()
+        parent, _, name = stub.module.rpartition(".")
+        setattr(importlib.import_module(parent), name, sys.modules[stub.module])
+        done.append(stub.module)
+    return done

@@ -325,15 +325,17 @@ def triton_env() -> None:
         os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([libdir, *paths])
 
 
-def start_triton(models: dict, port: int, grpc_port: int, log: Path, max_batch_size: int, queue_delay_us: int):
+def start_triton(models: dict, port: int, grpc_port: int, log: Path, max_batch_size: int, queue_delay_us: int,
+                 host: str = LOOPBACK):
     """PyTriton's Triton with one model per entry of `models` {name: (infer_func, inputs, outputs)}, HTTP on
-    `port`, gRPC on `grpc_port`, both on 127.0.0.1, metrics off. Returns the running Triton (call .stop())."""
+    `port`, gRPC on `grpc_port`, both on `host` (127.0.0.1 unless a remote client must reach it, e.g. an RLHF
+    actor on another node), metrics off. Returns the running Triton (call .stop())."""
     triton_env()
     from pytriton.model_config import DynamicBatcher, ModelConfig
     from pytriton.triton import Triton, TritonConfig
 
     log.parent.mkdir(parents=True, exist_ok=True)
-    config = TritonConfig(http_address=LOOPBACK, http_port=port, grpc_address=LOOPBACK, grpc_port=grpc_port,
+    config = TritonConfig(http_address=host, http_port=port, grpc_address=host, grpc_port=grpc_port,
                           allow_metrics=False, log_verbose=0, log_file=log, exit_timeout_secs=5)
     triton = Triton(config=config)
     try:

@@ -256,7 +256,7 @@ def _detect_gpu() -> Optional[str]:
 
 def start(stage: str, cfg: DictConfig, *, checks: Callable[..., list],
           derive: Optional[Callable[[DictConfig], list]] = None, nemo_inputs: Iterable[str] = (),
-          plan: bool = False, fresh_dir: bool = False, aligner: bool = False) -> StageRun:
+          plan: bool = False, fresh_dir: bool = False, aligner: bool = False, rlhf: bool = False) -> StageRun:
     """Steps 1-6 of the module docstring; raises StageErrors (exit 2) before anything is started."""
     try:
         notes = list(derive(cfg) if derive else [])
@@ -293,7 +293,7 @@ def start(stage: str, cfg: DictConfig, *, checks: Callable[..., list],
             metrics.unlink(missing_ok=True)
 
     quiet_nemo()
-    rt = runtime.prepare(cfg, aligner=aligner)
+    rt = runtime.prepare(cfg, aligner=aligner or rlhf, rlhf=rlhf)
     for note in notes if rt.rank == 0 else ():
         print(f"[nemo-ft {stage}] note: {note}")
     from nemo_ft.stages import callbacks

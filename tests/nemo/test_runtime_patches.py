@@ -14,11 +14,14 @@ os.environ.setdefault("NVIDIA_PYTORCH_VERSION", "24.07")
 from nemo_ft.runtime import patches  # noqa: E402
 
 ALL = (patches.NEMO_FIXES + patches.CPU_PATCHES + patches.HF_FIXES + patches.ALIGNER_FIXES
-       + patches.ALIGNER_CPU_PATCHES)
+       + patches.ALIGNER_CPU_PATCHES + patches.RLHF_FIXES + patches.RLHF_CPU_PATCHES)
+RLHF = {p.target for p in patches.RLHF_FIXES + patches.RLHF_CPU_PATCHES}
 
 
 @pytest.mark.parametrize("patch", ALL, ids=[p.target for p in ALL])
 def test_patch_target_exists(patch):
+    if patch.target in RLHF:  # the RLHF modules import the actor, which needs the TensorRT-LLM stand-in
+        patches.install_stubs(patches.RLHF_STUBS)
     module_name, _, attr_path = patch.target.partition(":")
     owner = importlib.import_module(module_name)
     *parents, attr = attr_path.split(".")
@@ -139,3 +142,63 @@ def test_scalar_adam_state_survives_sharding_and_the_live_optimizer_is_untouched
     assert isinstance(sd["state"][0]["exp_avg"], ShardedTensor) and sd["state"][0]["step"].dim() == 0
     assert set(opt.state[w]) == {"step", "exp_avg", "exp_avg_sq"}  # the live state still has its step
     opt.step()  # and trains on
+
+
+def test_the_actors_need_the_trt_llm_stand_in_and_it_refuses_clearly():
+    """Aligner's trt_llm module imports tensorrt_llm unguarded, so without the stand-in the REINFORCE actor
+    cannot be imported at all; with it the actor imports, and asking for TensorRT-LLM says what to set."""
+    import subprocess
+    import sys
+
+    actor = "nemo_aligner.models.nlp.gpt.megatron_gpt_reinforce_actor"
+    bare = subprocess.run([sys.executable, "-c", f"import {actor}"], capture_output=True, text=True,
+                          env={**os.environ, "NVIDIA_PYTORCH_VERSION": "24.07"}, timeout=300)
+    assert bare.returncode != 0 and "No module named 'tensorrt_llm'" in bare.stderr, bare.stderr[-2000:]
+    stubbed = ("from nemo_ft.runtime import patches; assert patches.install_stubs(patches.RLHF_STUBS) == "
+               f"['nemo_aligner.utils.trt_llm']; import {actor} as a; print(a.MegatronGPTReinforceActorModel.__name__)")
+    ok = subprocess.run([sys.executable, "-c", stubbed], capture_output=True, text=True,
+                        env={**os.environ, "NVIDIA_PYTORCH_VERSION": "24.07"}, timeout=300)
+    assert ok.returncode == 0 and "MegatronGPTReinforceActorModel" in ok.stdout, ok.stderr[-2000:]
+    stub = patches.RLHF_STUBS[0].make()
+    with pytest.raises(RuntimeError, match="trt_llm.enable=false"):
+        stub.GPTGenerateTRTLLM(None)
+
+
+def _rebalance_rank(rank, port, sizes, out):
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(sizes))
+    try:
+        patches.apply(patches.CPU_PATCHES)  # the original asks torch.cuda.current_device()
+        from nemo_aligner.utils import distributed
+        mine = torch.arange(sizes[rank] * 3, dtype=torch.float32).reshape(sizes[rank], 3) + 100 * rank
+        try:
+            distributed.rebalance_nd_tensor(mine, dist.group.WORLD)
+            out[f"original{rank}"] = "ran"
+        except Exception as e:  # noqa: BLE001 (what gloo says is the point)
+            out[f"original{rank}"] = str(e)
+        fixed = patches._rebalance_with_1d_count(None)(mine, dist.group.WORLD)
+        out[f"fixed{rank}"] = fixed.tolist()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rollout_rebalancing_over_gloo_gathers_uneven_batches_in_rank_order():
+    """Aligner's rebalance_nd_tensor all-gathers a 0-d count (gloo refuses it); ours gives the rows of
+    every rank, in rank order, on every rank, for uneven batch sizes."""
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sizes = [2, 3]
+    out = mp.Manager().dict()
+    mp.spawn(_rebalance_rank, args=(port, sizes, out), nprocs=2, join=True)
+    want = torch.cat([torch.arange(n * 3, dtype=torch.float32).reshape(n, 3) + 100 * r
+                      for r, n in enumerate(sizes)]).tolist()
+    assert out["fixed0"] == want and out["fixed1"] == want
+    assert out["original0"] != "ran" and "gloo" in out["original0"].lower(), out["original0"]
