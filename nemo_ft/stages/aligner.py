@@ -7,7 +7,9 @@ and logs through trainer.loggers. `setup_loop` does exactly that, with our metri
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -36,20 +38,41 @@ def data_prefix_from(prep_dir, key: str = "data_dir") -> dict:
     return {role: [str(prep.output(role))] for role in SPLIT_ROLES}
 
 
+@contextlib.contextmanager
+def nemo_tokenizer(path, key: str):
+    """Our Tokenizer over the SentencePiece model packed in a .nemo (None if it packs none): counts
+    tokens exactly as the model will, without NeMo."""
+    from nemo_ft.data.tokenize import Tokenizer
+
+    with NemoArchive(path, key=key) as a:
+        name = a.tokenizer_file()
+        found = [n for n in a.files() if Path(n).name == name] if name else []
+        data = a.read(found[0]) if found and name.endswith(".model") else None
+    if data is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / name).write_bytes(data)
+        yield Tokenizer("sentencepiece", str(Path(d) / name))
+
+
 def base_tokenizer_sha(base) -> Optional[str]:
     with NemoArchive(base) as a:
         return a.tokenizer_sha256()
 
 
-def check_splits(cfg, *, task: str, units: Callable[[list], int], unit: str, row_keys: tuple, append_eod: bool,
-                 append_eod_key: str, prep_eod_key: str, base_tok: Optional[str]) -> list:
+def check_splits(cfg, *, task: str, units: Callable[[list], int], unit: str, row_keys: tuple,
+                 base_tok: Optional[str], append_eod: Optional[bool] = None, append_eod_key: str = "",
+                 prep_eod_key: str = "", minimum: Optional[dict] = None) -> list:
     """The train and validation files of model.data.data_prefix: one file each, written by `prep
-    task=<task>` for this base's tokenizer and EOS setting, unchanged since, and at least one global
-    batch of `unit`s each (Aligner runs zero steps, or fails on an empty validation mean, otherwise)."""
+    task=<task>` for this base's tokenizer and EOS setting (when the task has one), unchanged since, and
+    at least one batch of `unit`s each (Aligner runs zero steps, or fails on an empty validation mean,
+    otherwise): `minimum` {role: (count, "the key that asks for it")}, by default one global batch."""
     if cfg.model.data.data_prefix is None:
         return [ConfigError("model.data.data_prefix", f"is required: {{train: [f], validation: [f], test: [f]}} of "
                                                       f"`nemo-ft prep task={task}` output (or data_dir=<that out_dir>)")]
-    errors, gbs = [], int(cfg.model.global_batch_size)
+    gbs = int(cfg.model.global_batch_size)
+    errors, minimum = [], minimum or {r: (gbs, "model.global_batch_size") for r in ("train", "validation")}
     for role in ("train", "validation"):
         key = f"model.data.data_prefix.{role}"
         path = split_file(cfg, role)
@@ -64,11 +87,10 @@ def check_splits(cfg, *, task: str, units: Callable[[list], int], unit: str, row
             errors.append(InputError(f"rows lack {list(row_keys)}: not `nemo-ft prep task={task}` output",
                                      path=path, key=key))
             continue
-        n = units(data)
-        if n < gbs:
-            errors.append(InputError(f"holds {n} {unit}(s), fewer than one global batch (model.global_batch_size="
-                                     f"{gbs}): Aligner would run zero steps; add data or lower the batch",
-                                     path=path, key=key))
+        n, (need, need_key) = units(data), minimum[role]
+        if n < need:
+            errors.append(InputError(f"holds {n} {unit}(s), fewer than one batch ({need_key}={need}): Aligner "
+                                     "would run zero steps; add data or lower the batch", path=path, key=key))
         try:
             m = artifacts.manifest_next_to(path)
             if m is None or m.stage != "prep":
@@ -77,7 +99,8 @@ def check_splits(cfg, *, task: str, units: Callable[[list], int], unit: str, row
             if m.summary.get("task") != task:
                 errors.append(InputError(f"was prepared with task={m.summary.get('task')}; this stage needs "
                                          f"task={task}", path=path, key=key))
-            prepared = bool(OmegaConf.select(OmegaConf.create(m.config or {}), prep_eod_key, default=False))
+            prepared = bool(OmegaConf.select(OmegaConf.create(m.config or {}), prep_eod_key, default=False)) \
+                if prep_eod_key else append_eod
             if prepared != append_eod:
                 errors.append(ConfigError(append_eod_key, f"{path} was prepared with {prep_eod_key}={prepared} (its "
                                           f"length checks assume it); set {append_eod_key}={str(prepared).lower()}"))
@@ -88,6 +111,66 @@ def check_splits(cfg, *, task: str, units: Callable[[list], int], unit: str, row
         except InputError as err:
             errors.append(err)
     return errors
+
+
+def from_sft_run(cfg, algorithm: str) -> list[str]:
+    """derive: from_run=<sft run dir> names the SFT adapter (merged into the base before training) and
+    the base it was trained on."""
+    if not cfg.from_run:
+        return []
+    m = artifacts.read_manifest(cfg.from_run, stage="sft", key="from_run")
+    cfg.sft_adapter = cfg.sft_adapter or str(m.output("adapter"))
+    base = (m.input("base") or {}).get("path")
+    if base:
+        cfg.pretrained_checkpoint.restore_from_path = base
+    return [f"from {m.path}: SFT adapter {cfg.sft_adapter} merged into {base} before {algorithm}"]
+
+
+def check_sft_adapter(cfg, base_ok: bool, skip) -> list:
+    """sft_adapter: a LoRA adapter of this base, and not also given as the adapter to train on."""
+    errors = []
+    if cfg.sft_adapter and cfg.model.peft.get("restore_from_path"):
+        errors.append(ConfigError("sft_adapter", "give sft_adapter (merged into the base: the reference is the SFT "
+                                                 "model) or model.peft.restore_from_path (trained on; NOT in the "
+                                                 "reference), not both"))
+    if not (base_ok and cfg.sft_adapter and Path(str(cfg.sft_adapter)).exists() and "sft_adapter" not in skip):
+        return errors
+    with NemoArchive(OmegaConf.select(cfg, "pretrained_checkpoint.restore_from_path"), key="pretrained_checkpoint."
+                     "restore_from_path") as a:
+        base_conf = a.config()
+    with NemoArchive(cfg.sft_adapter, key="sft_adapter") as a:
+        conf = a.config()
+    if (conf.get("peft") or {}).get("peft_scheme") != "lora":
+        errors.append(InputError("only a LoRA adapter merges into the base", path=cfg.sft_adapter, key="sft_adapter"))
+    for k in ("hidden_size", "num_layers", "num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+        if conf.get(k) != base_conf.get(k):
+            errors.append(InputError(f"was trained on another base: {k} is {conf.get(k)!r}, the base's "
+                                     f"{base_conf.get(k)!r}", path=cfg.sft_adapter, key="sft_adapter"))
+            break
+    return errors
+
+
+def merge_sft(run, cfg) -> Path:
+    """The base with the SFT adapter folded in (W + (alpha/r) B A, fp32), saved as a base .nemo: Aligner's
+    reference (DPO) or initial (RLHF) policy is the policy with adapters off, which is then the SFT model."""
+    import torch
+
+    from nemo_ft import reshard
+    from nemo_ft.export import merge_lora
+
+    model = run.restore(cfg.pretrained_checkpoint.restore_from_path)
+    adapter = reshard.read_adapter(cfg.sft_adapter, key="sft_adapter")
+    params = dict(model.model.named_parameters())
+    base_np = {k: p.detach().float().numpy() for k, p in params.items()}
+    merged = merge_lora(base_np, adapter.canonical, adapter.spec)
+    with torch.no_grad():
+        for k, v in merged.items():
+            if v is not base_np[k]:
+                params[k].copy_(torch.from_numpy(v).to(params[k].dtype))
+    out, _ = run.save_nemo(model, run.dir / "sft_merged_base.nemo")
+    del model
+    run.log(f"merged {cfg.sft_adapter} into the base -> {out.name} (the adapters-off policy)")
+    return out
 
 
 @dataclass

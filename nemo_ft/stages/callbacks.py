@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 from lightning.pytorch.callbacks import Callback
 
@@ -74,9 +75,15 @@ class MemoryProbe(Callback):
         self.measured["optimizer_bytes"] = sum(t.numel() * t.element_size() for t in states)
 
 
-def jsonl_logger(path: Path, write: bool):
+TRAIN_VAL = {"train": "train", "val": "validation"}
+
+
+def jsonl_logger(path: Path, write: bool, kinds: dict = TRAIN_VAL, tables: Optional[Path] = None):
     """A Lightning logger for NeMo-Aligner's loops (they log through trainer.loggers, not callbacks):
-    metrics.jsonl rows {"kind": "train"|"validation", "step", ...} from its "train/" and "val/" keys."""
+    metrics.jsonl rows {"kind", "step", ...} from the metric keys whose prefix `kinds` maps to a kind
+    ("train/" -> train, "val/" -> validation for DPO/RM; REINFORCE logs "train_rollouts/", ...). With
+    `tables`, the newest row of each table Aligner logs (a sample prompt, response and reward per step)
+    is appended there as one JSON line."""
     from lightning.pytorch.loggers.logger import Logger
 
     class JsonlLogger(Logger):
@@ -86,13 +93,19 @@ def jsonl_logger(path: Path, write: bool):
             rows = {}
             for key, value in metrics.items():
                 prefix, _, name = key.partition("/")
-                kind = {"train": "train", "val": "validation"}.get(prefix)
+                kind = kinds.get(prefix)
                 if kind and name:
                     rows.setdefault(kind, {})[name] = _scalar(value)
             if write:
                 with open(path, "a") as f:
                     for kind, row in rows.items():
                         f.write(json.dumps({"kind": kind, "step": int(step or 0), **row}) + "\n")
+
+        def log_table(self, key, dataframe=None, step=None, **kwargs):
+            if write and tables is not None and dataframe is not None and len(dataframe):
+                row = {k: _scalar(v) if not isinstance(v, str) else v for k, v in dataframe.iloc[-1].items()}
+                with open(tables, "a") as f:
+                    f.write(json.dumps({"table": key, **row}, default=str) + "\n")
 
         def log_hyperparams(self, params, *args, **kwargs):
             pass

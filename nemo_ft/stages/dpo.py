@@ -19,11 +19,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_ft import artifacts, reshard
 from nemo_ft.config.entry import stage_main
 from nemo_ft.config.validate import check_aligner_loop, check_parallel, check_peft, check_restore, check_stack
 from nemo_ft.errors import ConfigError, InputError
-from nemo_ft.nemo_archive import NemoArchive
 from nemo_ft.stages import aligner, lifecycle
 from nemo_ft.stages.metrics import read_metrics
 
@@ -32,14 +30,7 @@ NEMO_INPUTS = (BASE_KEY, "sft_adapter", "model.peft.restore_from_path")
 
 
 def derive(cfg: DictConfig) -> list[str]:
-    notes = []
-    if cfg.from_run:
-        m = artifacts.read_manifest(cfg.from_run, stage="sft", key="from_run")
-        cfg.sft_adapter = cfg.sft_adapter or str(m.output("adapter"))
-        base = (m.input("base") or {}).get("path")
-        if base:
-            cfg.pretrained_checkpoint.restore_from_path = base
-        notes.append(f"from {m.path}: SFT adapter {cfg.sft_adapter} merged into {base} before DPO")
+    notes = aligner.from_sft_run(cfg, "DPO")
     if cfg.data_dir:
         cfg.model.data.data_prefix = aligner.data_prefix_from(cfg.data_dir)
     return notes
@@ -48,22 +39,11 @@ def derive(cfg: DictConfig) -> list[str]:
 def over_length_pairs(cfg) -> dict:
     """{split: line numbers of pairs longer than model.data.seq_length}, measured the way Aligner's
     DPOModelDataset measures them, with the base's own tokenizer."""
-    import tempfile
+    from nemo_ft.data.tokenize import dpo_pair_length
 
-    from nemo_ft.data.tokenize import Tokenizer, dpo_pair_length
-
-    with NemoArchive(OmegaConf.select(cfg, BASE_KEY), key=BASE_KEY) as a:
-        name = a.tokenizer_file()
-        found = [n for n in a.files() if Path(n).name == name] if name else []
-        if not found or not name.endswith(".model"):
-            return {}
-        data = a.read(found[0])
-    seq, eod = int(cfg.model.data.seq_length), bool(cfg.model.data.append_eod)
-    out = {}
-    with tempfile.TemporaryDirectory() as d:
-        (Path(d) / name).write_bytes(data)
-        tok = Tokenizer("sentencepiece", str(Path(d) / name))
-        for role in ("train", "validation"):
+    seq, eod, out = int(cfg.model.data.seq_length), bool(cfg.model.data.append_eod), {}
+    with aligner.nemo_tokenizer(OmegaConf.select(cfg, BASE_KEY), BASE_KEY) as tok:
+        for role in ("train", "validation") if tok else ():
             path = aligner.split_file(cfg, role)
             if path and Path(path).exists():
                 rows = aligner.rows(path)
@@ -100,47 +80,11 @@ def checks(cfg: DictConfig, skip=frozenset()) -> list:
     errors += list(check_parallel(cfg)) + list(check_peft(cfg)) + list(check_stack(cfg)) + list(check_aligner_loop(cfg, "dpo"))
     if cfg.model.peft.peft_scheme not in ("lora", "none"):
         errors.append(ConfigError("model.peft.peft_scheme", "Aligner's DPO supports lora or none (full fine-tuning)"))
-    if cfg.sft_adapter and cfg.model.peft.get("restore_from_path"):
-        errors.append(ConfigError("sft_adapter", "give sft_adapter (merged into the base: the reference is the SFT "
-                                                 "model) or model.peft.restore_from_path (trained on; NOT in the "
-                                                 "reference), not both"))
     base = OmegaConf.select(cfg, BASE_KEY)
     base_ok = bool(base) and Path(base).exists() and BASE_KEY not in skip and not restore
-    if base_ok and cfg.sft_adapter and Path(str(cfg.sft_adapter)).exists() and "sft_adapter" not in skip:
-        with NemoArchive(base, key=BASE_KEY) as a:
-            base_conf = a.config()
-        with NemoArchive(cfg.sft_adapter, key="sft_adapter") as a:
-            conf = a.config()
-        if (conf.get("peft") or {}).get("peft_scheme") != "lora":
-            errors.append(InputError("only a LoRA adapter merges into the base", path=cfg.sft_adapter, key="sft_adapter"))
-        for k in ("hidden_size", "num_layers", "num_attention_heads", "num_query_groups", "ffn_hidden_size"):
-            if conf.get(k) != base_conf.get(k):
-                errors.append(InputError(f"was trained on another base: {k} is {conf.get(k)!r}, the base's "
-                                         f"{base_conf.get(k)!r}", path=cfg.sft_adapter, key="sft_adapter"))
-                break
+    errors += aligner.check_sft_adapter(cfg, base_ok, skip)
     errors += check_data(cfg, base_ok)
     return errors
-
-
-def merge_sft(run, cfg) -> Path:
-    """The base with the SFT adapter folded in (W + (alpha/r) B A, fp32), saved as a base .nemo."""
-    import torch
-
-    from nemo_ft.export import merge_lora
-
-    model = run.restore(cfg.pretrained_checkpoint.restore_from_path)
-    adapter = reshard.read_adapter(cfg.sft_adapter, key="sft_adapter")
-    params = dict(model.model.named_parameters())
-    base_np = {k: p.detach().float().numpy() for k, p in params.items()}
-    merged = merge_lora(base_np, adapter.canonical, adapter.spec)
-    with torch.no_grad():
-        for k, v in merged.items():
-            if v is not base_np[k]:
-                params[k].copy_(torch.from_numpy(v).to(params[k].dtype))
-    out, _ = run.save_nemo(model, run.dir / "sft_merged_base.nemo")
-    del model
-    run.log(f"merged {cfg.sft_adapter} into the base -> {out.name} (the reference policy)")
-    return out
 
 
 def run(cfg: DictConfig) -> dict:
@@ -152,7 +96,7 @@ def run(cfg: DictConfig) -> dict:
     run = lifecycle.start("dpo", cfg, checks=checks, derive=derive, nemo_inputs=NEMO_INPUTS, aligner=True)
     base = Path(cfg.pretrained_checkpoint.restore_from_path)
     if cfg.sft_adapter:
-        base = merge_sft(run, cfg)
+        base = aligner.merge_sft(run, cfg)
     model = run.restore(base, model_cls=MegatronGPTDPOModel)
     init_peft(model, model.cfg)
     before = lifecycle.param_digests(model)

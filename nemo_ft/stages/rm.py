@@ -40,22 +40,9 @@ def _pairs(lines: list) -> int:
 def over_length_pairs(cfg) -> dict:
     """{split: pair numbers} whose chosen or rejected text is longer than seq_length, counted the way
     Aligner's RewardModelDataset counts (text_to_ids of the whole text, + EOS with append_eod)."""
-    import tempfile
-
-    from nemo_ft.data.tokenize import Tokenizer
-    from nemo_ft.nemo_archive import NemoArchive
-
-    with NemoArchive(OmegaConf.select(cfg, BASE_KEY), key=BASE_KEY) as a:
-        name = a.tokenizer_file()
-        found = [n for n in a.files() if Path(n).name == name] if name else []
-        if not found or not name.endswith(".model"):
-            return {}
-        data = a.read(found[0])
     seq, eod, out = int(cfg.model.data.seq_length), int(bool(cfg.model.data.append_eod)), {}
-    with tempfile.TemporaryDirectory() as d:
-        (Path(d) / name).write_bytes(data)
-        tok = Tokenizer("sentencepiece", str(Path(d) / name))
-        for role in ("train", "validation"):
+    with aligner.nemo_tokenizer(OmegaConf.select(cfg, BASE_KEY), BASE_KEY) as tok:
+        for role in ("train", "validation") if tok else ():
             path = aligner.split_file(cfg, role)
             if path and Path(path).exists():
                 lines = aligner.rows(path)

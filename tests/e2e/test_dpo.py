@@ -100,8 +100,8 @@ def test_aligners_failure_modes_are_refused_up_front(lookup_pipeline, prefs, tmp
     def dpo(*args):
         return run_stage("dpo", f"data_dir={prefs}", f"run.dir={tmp_path / 'run'}", *args, check=False, timeout=120)
     _refused(dpo("model.global_batch_size=512", "model.micro_batch_size=1"),
-             "holds 240 pair(s), fewer than one global batch (model.global_batch_size=512)",
-             "holds 20 pair(s), fewer than one global batch")
+             "holds 240 pair(s), fewer than one batch (model.global_batch_size=512)",
+             "holds 20 pair(s), fewer than one batch")
     _refused(dpo("model.data.seq_length=12"), "pairs are longer than model.data.seq_length=12",
              "zero loss", "model.data.over_length=keep")
     _refused(dpo("model.optim.name=distributed_fused_adam"), "model.optim.name: distributed_fused_adam")
@@ -110,6 +110,6 @@ def test_aligners_failure_modes_are_refused_up_front(lookup_pipeline, prefs, tmp
     sft_data = lookup_pipeline / "prep" / "train.jsonl"
     _refused(run_stage("dpo", f"model.data.data_prefix={{train: [{sft_data}], validation: [{sft_data}], "
                               f"test: [{sft_data}]}}", f"run.dir={tmp_path / 'run'}", check=False, timeout=120),
-             "not Aligner DPO rows", "task=dpo")
+             "rows lack ['prompt', 'chosen_response', 'rejected_response']", "task=dpo")
     _refused(dpo("model.data.append_eod=true"), "was prepared with dpo.append_eod=False")
     assert not (tmp_path / "run" / "nemo").exists()

@@ -58,7 +58,7 @@ def _refused(proc, *words):
 def test_aligners_reward_model_edges_are_refused_up_front(pairs, tmp_path):
     def rm(*args, data=f"data_dir={pairs}"):
         return run_stage("rm", data, f"run.dir={tmp_path / 'run'}", *args, check=False, timeout=120)
-    _refused(rm("model.global_batch_size=256"), "holds 240 pair(s), fewer than one global batch")
+    _refused(rm("model.global_batch_size=256"), "holds 240 pair(s), fewer than one batch (model.global_batch_size=256)")
     _refused(rm("model.micro_batch_size=2"), "model.micro_batch_size: > 1 fails", "Transformer Engine")
     _refused(rm("model.data.seq_length=10"), "longer than model.data.seq_length=10", "skip each and the pair after it")
     _refused(rm("trainer.rm.val_check_interval=7", "trainer.rm.save_interval=10"), "must be a multiple of")
