@@ -1,11 +1,13 @@
-"""What an srun task reads from SLURM (nemo_ft.slurm) and the node/task checks made from it before anything
-starts (nemo_ft.config.validate.check_parallel). Env vars only."""
+"""What an srun task reads from SLURM (nemo_ft.slurm), the node/task checks made from it before anything
+starts (nemo_ft.config.validate.check_parallel), and resume bookkeeping at TP/PP > 1. Env vars only."""
+import json
 
 import pytest
 from omegaconf import OmegaConf
 
 from nemo_ft import slurm
 from nemo_ft.config.validate import check_parallel
+from nemo_ft.stages.lifecycle import trim_metrics_to_checkpoint
 
 SLURM_KEYS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_STEP_ID", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID",
               "SLURM_NODEID", "SLURM_NNODES", "SLURM_JOB_NUM_NODES", "SLURM_STEP_NUM_NODES", "SLURM_TASKS_PER_NODE",
@@ -93,3 +95,14 @@ def test_wrong_total_is_one_error_not_two(under):
     under(step(1, "1"))  # a 2-node profile on a 1-node job: the total and the node count
     assert [k for k, _ in errors(devices=1, nodes=2, pp=2)] == ["trainer.devices", "trainer.num_nodes"]
 
+
+def test_resume_trims_metrics_to_the_checkpoint_of_any_layout(tmp_path):
+    """At TP or PP > 1 NeMo writes checkpoints/tp_rank_XX_pp_rank_YYY/*-last.ckpt, one per rank."""
+    ckpts = tmp_path / "checkpoints"
+    for rank in ("tp_rank_00_pp_rank_000", "tp_rank_00_pp_rank_001"):
+        (ckpts / rank).mkdir(parents=True)
+        (ckpts / rank / "m--validation_loss=1.910-step=40-consumed_samples=320.0-last.ckpt").write_text("")
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"kind": "train", "step": s}) + "\n" for s in range(1, 53)))
+    trim_metrics_to_checkpoint(metrics, ckpts)
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, 41))
