@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The whole pipeline as dependent SLURM jobs: prep -> sft -> dpo -> export -> eval. Each job starts only
+# if the one before it succeeded (--dependency=afterok) and reads that job's run directory (its
+# manifest) as its input. A stage joins when nemo_ft/stages/<stage>.py exists (prep, sft, export now).
+#   slurm/pipeline.sh [OUT] [STAGE:KEY=VALUE ...]
+#   slurm/pipeline.sh runs/pipe sft:model=llama3_8b sft:parallel=tp2 sft:model.restore_from_path=/m/l3.nemo
+#   DRY_RUN=1 slurm/pipeline.sh runs/pipe    # every sbatch and srun line, each stage's config; submits nothing
+# STAGE:KEY=VALUE is a Hydra override for that stage's job (after the defaults below, so it wins).
+# sbatch options: SBATCH_ALL for every job, SBATCH_<STAGE> for one (SBATCH_SFT="--nodes=2 --gpus-per-node=8").
+# Without OUT: runs/pipeline/<date-time>. Job logs: OUT/logs/<stage>-<job id>.out.
+# A failed job cancels every job after it (--kill-on-invalid-dep=yes: CANCELLED, reason
+# DependencyNeverSatisfied, nothing written); eval's failed gates (exit 3) fail the last job.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=runs/pipeline/$(date +%Y%m%d-%H%M%S)
+if [ $# -gt 0 ] && [[ $1 != *:*=* ]]; then out=$1; shift; fi
+OUT=$(realpath -m "$out")
+
+declare -A extra=()
+for arg in "$@"; do
+  stage=${arg%%:*}
+  if [[ $arg != *:*=* ]] || [[ ! $stage =~ ^(prep|sft|dpo|export|eval)$ ]]; then
+    echo "slurm/pipeline.sh: $arg: expected STAGE:KEY=VALUE with STAGE one of prep sft dpo export eval" >&2
+    exit 2
+  fi
+  extra[$stage]+="${arg#*:}"$'\n'
+done
+
+have() { [ -f "nemo_ft/stages/$1.py" ]; }
+# Each stage: its script, and its defaults (the shipped sample data through the tiny model, as
+# scripts/demo.sh); each reads the run directory of the stage before it.
+stages=(prep sft)
+declare -A script=([prep]=slurm/prep.sh [sft]=slurm/sft_lora.sh [dpo]=slurm/dpo_lora.sh
+                   [export]=slurm/export.sh [eval]=slurm/eval.sh)
+declare -A args
+args[prep]="out_dir=$OUT/prep
+template.prompt_template='{input}{output}'
+inputs=[{path: data/sample/sft_train.jsonl, weight: 0.857}, {path: data/sample/sft_validation.jsonl, weight: 0.143}]
+split.train=0.8
+split.validation=0.15
+split.test=0.05
+seq_length=128"
+args[sft]="run.dir=$OUT/sft
+model.data.train_ds.file_names=[$OUT/prep/train.jsonl]
+model.data.validation_ds.file_names=[$OUT/prep/validation.jsonl]
+trainer.enable_progress_bar=false"
+# sft finds prep's files by prep's contract (OUT/prep/<split>.jsonl) and checks them against prep's
+# manifest (sha256, tokenizer, template) before it starts; the later stages read from_run=.
+last=sft
+if have dpo; then
+  stages+=(dpo)
+  args[dpo]="run.dir=$OUT/dpo
+from_run=$OUT/sft
+trainer.enable_progress_bar=false"
+  last=dpo
+fi
+stages+=(export)
+args[export]="from_run=$OUT/$last
+out_dir=$OUT/export"
+if have eval; then
+  stages+=(eval)
+  args[eval]="from_run=$OUT/export
+run.dir=$OUT/eval"
+fi
+
+[ -n "${DRY_RUN:-}" ] || mkdir -p "$OUT/logs"
+echo "[nemo-ft pipeline] ${stages[*]} -> $OUT${DRY_RUN:+ (DRY_RUN: nothing is submitted)}"
+prev=""
+declare -A ids
+for stage in "${stages[@]}"; do
+  mapfile -t stage_args < <(printf '%s' "${args[$stage]}"$'\n'"${extra[$stage]:-}" | sed '/^$/d')
+  var=SBATCH_${stage^^}
+  # shellcheck disable=SC2206  # SBATCH_ALL / SBATCH_<STAGE> are lists of options, split on spaces
+  opts=(--parsable --job-name="nemo-ft-$stage" --output="$OUT/logs/$stage-%j.out" --open-mode=append
+        ${SBATCH_ALL:-} ${!var:-})
+  if [ -n "$prev" ]; then opts+=(--dependency="afterok:$prev" --kill-on-invalid-dep=yes); fi
+  cmd=(sbatch "${opts[@]}" "${script[$stage]}" "${stage_args[@]}")
+  if [ -n "${DRY_RUN:-}" ]; then
+    echo
+    echo "== $stage"
+    printf '+'; printf ' %q' "${cmd[@]}"; printf '\n'
+    DRY_RUN=1 bash "${script[$stage]}" "${stage_args[@]}"
+    prev="<$stage job id>"
+    continue
+  fi
+  id=$("${cmd[@]}")
+  id=${id%%;*}
+  ids[$stage]=$id
+  prev=$id
+  case $stage in
+    prep|export) where=$(printf '%s\n' "${stage_args[@]}" | sed -n 's/^out_dir=//p' | tail -n1) ;;
+    *) where=$(printf '%s\n' "${stage_args[@]}" | sed -n 's/^run\.dir=//p' | tail -n1) ;;
+  esac
+  echo "[nemo-ft pipeline] $stage: job $id -> $where (log $OUT/logs/$stage-$id.out)"
+done
+[ -n "${DRY_RUN:-}" ] || echo "[nemo-ft pipeline] jobs: $(for s in "${stages[@]}"; do printf '%s=%s ' "$s" "${ids[$s]}"; done)"
