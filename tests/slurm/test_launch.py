@@ -1,0 +1,107 @@
+"""The sbatch scripts on the real one-node SLURM (.ci/slurm_up.sh): the preemption signal reaches the
+process inside srun and the job requeues itself; slurm/pipeline.sh runs its stages as dependent jobs
+to the end, and a failed stage cancels the jobs after it; a node-count mismatch is refused."""
+import json
+import os
+import re
+
+import pytest
+
+from tests.conftest import REPO
+from tests.slurm import jobs
+
+SLURM_READY = jobs.up_nodes() > 0
+if not SLURM_READY and os.environ.get("NEMO_FT_REQUIRE_SLURM"):
+    raise RuntimeError("NEMO_FT_REQUIRE_SLURM is set (CI) but no idle SLURM node: run .ci/slurm_up.sh")
+pytestmark = [pytest.mark.e2e,
+              pytest.mark.skipif(not SLURM_READY, reason="no SLURM here (bash .ci/slurm_up.sh starts one)")]
+PAYLOADS = {"NEMO_FT_STAGE_PKG": "tests.slurm.payloads"}
+
+
+def test_signal_reaches_every_task_inside_srun_and_the_job_requeues(tmp_path):
+    """slurm/sft_lora.sh's own header (--signal=B:USR1@120, --requeue) with a 2-minute limit: SLURM signals
+    the batch shell (at once: 120 s >= the limit), _launch.sh passes SIGUSR1 into srun, both tasks (the
+    payload standing in for the stage, exec'd by srun) receive it in their own process, stop with 75,
+    and the script requeues the job; the rerun (restart 1) completes."""
+    log = tmp_path / "job.out"
+    job_id = jobs.submit("--time=2", "--ntasks-per-node=2", f"--output={log}", "slurm/sft_lora.sh",
+                         f"run.dir={tmp_path / 'run'}", **PAYLOADS)
+    try:
+        state = jobs.wait_done(job_id, 150, rerun_now=True)
+    finally:
+        jobs.cancel(job_id)
+    text = log.read_text()
+    assert (state["JobState"], state["ExitCode"], state["Restarts"]) == ("COMPLETED", "0:0", "1"), text[-3000:]
+    first, rerun = text.split(f"job {job_id} restart 1", 1)
+    assert f"job {job_id} got SIGUSR1: passing it on to the stage" in first
+    got = re.findall(r"\[payload\] rank (\d) on \S+: got (SIG\w+) in pid (\d+) \(step (\d+)\)", first)
+    waiting = dict(re.findall(r"\[payload\] rank (\d) on \S+: pid (\d+) waiting", first))
+    assert sorted((r, s) for r, s, _, _ in got) == [("0", "SIGUSR1"), ("1", "SIGUSR1")], first[-3000:]
+    assert all(pid == waiting[r] and step == "0" for r, _, pid, step in got)  # the srun task's own process
+    assert f"exit 75; 75: checkpointed): requeueing job {job_id}" in first
+    assert rerun.count("restart 1: resumed, done") == 2
+
+
+def test_nodes_mismatch_fails_before_anything_starts(tmp_path):
+    """A 2-node profile on a 1-node job: both problems named, exit 2, no traceback, nothing written."""
+    log = tmp_path / "job.out"
+    job_id = jobs.submit(f"--output={log}", "slurm/sft_lora.sh", "parallel=cpu_pp2_2nodes",
+                         f"run.dir={tmp_path / 'run'}")
+    state = jobs.wait_done(job_id, 120)
+    text = log.read_text()
+    assert (state["JobState"], state["ExitCode"]) == ("FAILED", "2:0"), text[-3000:]
+    assert "trainer.num_nodes: SLURM started this job step on 1 node(s) but trainer.num_nodes = 2" in text
+    assert "trainer.devices: the launcher started 1 process(es)" in text and "Traceback" not in text
+    assert not (tmp_path / "run" / "nemo").exists()
+
+
+def _submit_pipeline(out, *overrides):
+    import subprocess
+
+    proc = subprocess.run(["bash", "slurm/pipeline.sh", str(out), *overrides], cwd=REPO, capture_output=True,
+                          text=True, env=jobs.env(), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    ids = dict(re.findall(r"\[nemo-ft pipeline\] (\w+): job (\d+) ->", proc.stdout))
+    return ids, proc.stdout
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    """Two pipelines submitted at once: one that runs to the end, one whose sft stage fails."""
+    root = tmp_path_factory.mktemp("pipelines")
+    good = _submit_pipeline(root / "good", "sft:trainer.max_steps=10", "sft:trainer.val_check_interval=5")
+    bad = _submit_pipeline(root / "bad", "sft:parallel=cpu_tp2")  # 2 devices, 1 task: sft exits 2
+    yield root, good, bad
+    jobs.cancel(*good[0].values(), *bad[0].values())
+
+
+def test_pipeline_runs_each_stage_as_a_dependent_job_to_the_end(pipelines):
+    root, (ids, printed), _ = pipelines
+    out = root / "good"
+    assert list(ids) == ["prep", "sft", "export"]  # dpo and eval join when their stages exist
+    assert f"export: job {ids['export']} -> {out}/export (log {out}/logs/export-{ids['export']}.out)" in printed
+    states = {s: jobs.wait_done(i, 400) for s, i in ids.items()}
+    logs = {s: (out / "logs" / f"{s}-{i}.out").read_text() for s, i in ids.items()}
+    for stage, st in states.items():
+        assert (st["JobState"], st["ExitCode"]) == ("COMPLETED", "0:0"), (stage, logs[stage][-3000:])
+    # Each stage read the one before it: sft trained on prep's files, export on sft's adapter.
+    sft = json.loads((out / "sft" / "manifest.json").read_text())
+    assert sft["config"]["model"]["data"]["train_ds"]["file_names"] == [str(out / "prep" / "train.jsonl")]
+    export = json.loads((out / "export" / "manifest.json").read_text())
+    inputs = {r["role"]: r for r in export["inputs"]}
+    assert inputs["adapter"]["path"] == str(out / "sft" / "adapter.nemo")
+    assert inputs["adapter"]["sha256"] == {r["role"]: r for r in sft["outputs"]}["adapter"]["sha256"]
+    assert (out / "export" / "adapter_tp1.nemo").exists()
+
+
+def test_a_failed_stage_cancels_every_job_after_it(pipelines):
+    root, _, (ids, _) = pipelines
+    out = root / "bad"
+    sft = jobs.wait_done(ids["sft"], 300)
+    export = jobs.wait_done(ids["export"], 60)
+    assert jobs.job(ids["prep"])["JobState"] == "COMPLETED"
+    assert (sft["JobState"], sft["ExitCode"]) == ("FAILED", "2:0")
+    assert (export["JobState"], export["Reason"]) == ("CANCELLED", "DependencyNeverSatisfied")
+    assert "trainer.devices: the launcher started 1 process(es)" in (out / "logs" / f"sft-{ids['sft']}.out").read_text()
+    assert not (out / "sft" / "manifest.json").exists()
+    assert not list(out.glob("*export*")) and not (out / "logs" / f"export-{ids['export']}.out").exists()
