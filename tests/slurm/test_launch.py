@@ -1,6 +1,6 @@
-"""The sbatch scripts on the real one-node SLURM (.ci/slurm_up.sh): the preemption signal reaches the
-process inside srun and the job requeues itself; slurm/pipeline.sh runs its stages as dependent jobs
-to the end, and a failed stage cancels the jobs after it; a node-count mismatch is refused."""
+"""The sbatch scripts on the real one-node SLURM (.ci/slurm_up.sh): slurm/pipeline.sh runs its stages as
+dependent jobs to the end, and a failed stage cancels the jobs after it; a node-count mismatch is
+refused. (The preemption signal is tested on the two-node cluster, test_two_nodes.py.)"""
 import json
 import os
 import re
@@ -15,31 +15,6 @@ if not SLURM_READY and os.environ.get("NEMO_FT_REQUIRE_SLURM"):
     raise RuntimeError("NEMO_FT_REQUIRE_SLURM is set (CI) but no idle SLURM node: run .ci/slurm_up.sh")
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(not SLURM_READY, reason="no SLURM here (bash .ci/slurm_up.sh starts one)")]
-PAYLOADS = {"NEMO_FT_STAGE_PKG": "tests.slurm.payloads"}
-
-
-def test_signal_reaches_every_task_inside_srun_and_the_job_requeues(tmp_path):
-    """slurm/sft_lora.sh's own header (--signal=B:USR1@120, --requeue) with a 2-minute limit: SLURM signals
-    the batch shell (at once: 120 s >= the limit), _launch.sh passes SIGUSR1 into srun, both tasks (the
-    payload standing in for the stage, exec'd by srun) receive it in their own process, stop with 75,
-    and the script requeues the job; the rerun (restart 1) completes."""
-    log = tmp_path / "job.out"
-    job_id = jobs.submit("--time=2", "--ntasks-per-node=2", f"--output={log}", "slurm/sft_lora.sh",
-                         f"run.dir={tmp_path / 'run'}", **PAYLOADS)
-    try:
-        state = jobs.wait_done(job_id, 150, rerun_now=True)
-    finally:
-        jobs.cancel(job_id)
-    text = log.read_text()
-    assert (state["JobState"], state["ExitCode"], state["Restarts"]) == ("COMPLETED", "0:0", "1"), text[-3000:]
-    first, rerun = text.split(f"job {job_id} restart 1", 1)
-    assert f"job {job_id} got SIGUSR1: passing it on to the stage" in first
-    got = re.findall(r"\[payload\] rank (\d) on \S+: got (SIG\w+) in pid (\d+) \(step (\d+)\)", first)
-    waiting = dict(re.findall(r"\[payload\] rank (\d) on \S+: pid (\d+) waiting", first))
-    assert sorted((r, s) for r, s, _, _ in got) == [("0", "SIGUSR1"), ("1", "SIGUSR1")], first[-3000:]
-    assert all(pid == waiting[r] and step == "0" for r, _, pid, step in got)  # the srun task's own process
-    assert f"exit 75; 75: checkpointed): requeueing job {job_id}" in first
-    assert rerun.count("restart 1: resumed, done") == 2
 
 
 def test_nodes_mismatch_fails_before_anything_starts(tmp_path):

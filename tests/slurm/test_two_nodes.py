@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(not SLURM2_READY, reason="no two-node SLURM here (bash .ci/slurm2_up.sh starts one)")]
 
 # 200 steps with validation (and a checkpoint) every 20: long enough (~17 s of training) to requeue
-# mid-run. The LR schedule depends on max_steps, so every run here uses the same.
+# mid-run. The LR schedule depends on max_steps, so the reference uses the same.
 TRAIN = ("trainer.max_steps=200", "trainer.val_check_interval=20", "trainer.enable_progress_bar=false")
 TWO_NODES = ("--nodes=2", "--ntasks-per-node=1", "--requeue", "--open-mode=append")
 
@@ -34,17 +34,20 @@ def _ranks(log: str) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """At once: the single-process reference (here, torch's own world of one), a 2-node PP=2 job left
-    alone, and a 2-node PP=2 job requeued once it is past its first checkpoint."""
+    """At once (CI time): the single-process reference (its own torch world of one, no SLURM), a 2-node
+    PP=2 job requeued once it is past its first checkpoint, and the signal probe on both nodes."""
     root = tmp_path_factory.mktemp("two_nodes")
     ref = subprocess.Popen([sys.executable, "-m", "nemo_ft.stages.sft", f"run.dir={root / 'ref'}", *TRAIN],
                            cwd=REPO, env=stage_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ids = {}
     try:
-        for name in ("plain", "requeued"):
-            ids[name] = jobs.submit(*TWO_NODES, f"--output={root / name}.out", "slurm/sft_lora.sh",
-                                    "parallel=cpu_pp2_2nodes", f"run.dir={root / name}", *TRAIN, conf=CONF)
-        requeued_at = _requeue_past_first_checkpoint(ids["requeued"], root / "requeued")
+        ids["pp2"] = jobs.submit(*TWO_NODES, f"--output={root}/pp2.out", "slurm/sft_lora.sh", "parallel=cpu_pp2_2nodes",
+                                 f"run.dir={root / 'pp2'}", *TRAIN, conf=CONF)
+        # sft_lora.sh's own header (--signal=B:USR1@120, --requeue) under a 2-minute limit: the signal
+        # comes at SLURM's next timer tick; a payload stands in for the stage (NEMO_FT_STAGE_PKG).
+        ids["signal"] = jobs.submit(*TWO_NODES, "--time=2", f"--output={root}/signal.out", "slurm/sft_lora.sh",
+                                    f"run.dir={root / 'signal'}", conf=CONF, NEMO_FT_STAGE_PKG="tests.slurm.payloads")
+        requeued_at = _requeue_past_first_checkpoint(ids["pp2"], root / "pp2")
         states = {name: jobs.wait_done(i, 300, CONF, rerun_now=True) for name, i in ids.items()}
         assert ref.wait(timeout=300) == 0, ref.stderr.read()[-3000:]
     finally:
@@ -74,22 +77,25 @@ def _requeue_past_first_checkpoint(job_id, run_dir, timeout=240):
 
 def test_pp2_across_two_nodes_equals_the_single_process_run(runs):
     root, ids, states, logs, _ = runs
-    log = logs["plain"]
-    assert (states["plain"]["JobState"], states["plain"]["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+    log, st = logs["pp2"], states["pp2"]
+    assert (st["JobState"], st["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
     # One rank per node, each in its own network namespace: its own hostname and address.
     ranks = _ranks(log)
     assert ranks == {0: ("nemoft-n1", NODES["nemoft-n1"], 0), 1: ("nemoft-n2", NODES["nemoft-n2"], 1)}, log[-3000:]
-    assert f"rendezvous nemoft-n1:{20000 + int(ids['plain']) % 10000}" in log
-    # The same curve as one process on one node (PP=2 starts from TP=1's weights, nemo_ft.runtime).
-    train, val = read_metrics(root / "plain")
+    assert f"rendezvous nemoft-n1:{20000 + int(ids['pp2']) % 10000}" in log
+    # The same curve as one process on one node (PP=2 starts from TP=1's weights, nemo_ft.runtime),
+    # requeue and all (the next test: a resume continues the uninterrupted curve).
+    train, val = read_metrics(root / "pp2")
     ref_train, ref_val = read_metrics(root / "ref")
     assert [r["step"] for r in train] == [r["step"] for r in ref_train] == list(range(1, 201))
     for a, b in zip(ref_train, train):
         assert b["reduced_train_loss"] == pytest.approx(a["reduced_train_loss"], abs=1e-4), a["step"]
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), a["step"]
-    assert [r["val_loss"] for r in val] == pytest.approx([r["val_loss"] for r in ref_val], abs=1e-4)
+        assert (b["lr"], b["consumed_samples"]) == pytest.approx((a["lr"], a["consumed_samples"]), rel=1e-6)
+    last_val = {r["step"]: r["val_loss"] for r in val}  # a step validated twice (before and after the requeue)
+    assert last_val == pytest.approx({r["step"]: r["val_loss"] for r in ref_val}, abs=1e-4)
     # The adapter holds both pipeline stages' shards, each saved by the rank on its node.
-    with NemoArchive(root / "plain" / "adapter.nemo") as archive:
+    with NemoArchive(root / "pp2" / "adapter.nemo") as archive:
         layout = archive.layout()
         shards = archive.tensors()
     assert (layout.kind, layout.tp, layout.pp) == ("tp_pp", 1, 2)
@@ -99,8 +105,7 @@ def test_pp2_across_two_nodes_equals_the_single_process_run(runs):
 
 def test_requeued_two_node_job_resumes_from_its_checkpoint(runs):
     root, ids, states, logs, requeued_at = runs
-    job_id, log = ids["requeued"], logs["requeued"]
-    st = states["requeued"]
+    job_id, log, st = ids["pp2"], logs["pp2"], states["pp2"]
     assert (st["JobState"], st["ExitCode"], st["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-3000:]
     first, rerun = log.split(f"job {job_id} restart 1", 1)
     assert _ranks(first) == _ranks(rerun) and len(_ranks(rerun)) == 2  # both attempts on both nodes
@@ -108,15 +113,28 @@ def test_requeued_two_node_job_resumes_from_its_checkpoint(runs):
     assert len(restored) == 1 and "Restoring states" not in first, rerun[-3000:]
     c = int(restored.pop())
     assert c % 20 == 0 and 20 <= c <= requeued_at
-    # The resumed curve is the uninterrupted one (same layout: equal to float noise).
-    train, _ = read_metrics(root / "requeued")
-    plain, _ = read_metrics(root / "plain")
+    # The steps the first attempt ran after checkpoint c were dropped and rerun: each step once, and
+    # (previous test) each equal to the uninterrupted single-process run.
+    train, _ = read_metrics(root / "pp2")
     assert [r["step"] for r in train] == list(range(1, 201))
-    for a, b in zip(plain, train):
-        for key in ("reduced_train_loss", "grad_norm", "lr", "consumed_samples"):
-            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-6), (a["step"], key)
-    with NemoArchive(root / "requeued" / "adapter.nemo") as archive:
-        assert archive.layout().pp == 2
+
+
+def test_signal_reaches_the_tasks_inside_srun_on_both_nodes_and_the_job_requeues(runs):
+    """SLURM signals the batch shell (120 s >= the 2-minute limit: at its next timer tick); _launch.sh
+    passes SIGUSR1 into srun; each task, on its own node, receives it in its own process (the one srun
+    exec'd), stops with 75 as a stage that checkpointed would, and the job requeues and completes."""
+    _, ids, states, logs, _ = runs
+    job_id, log, st = ids["signal"], logs["signal"], states["signal"]
+    assert (st["JobState"], st["ExitCode"], st["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-3000:]
+    first, rerun = log.split(f"job {job_id} restart 1", 1)
+    assert f"job {job_id} got SIGUSR1: passing it on to the stage" in first
+    got = re.findall(r"\[payload\] rank (\d) on (\S+): got (SIG\w+) in pid (\d+) \(step (\d+)\)", first)
+    waiting = dict(re.findall(r"\[payload\] rank (\d) on \S+: pid (\d+) waiting", first))
+    assert sorted((r, host, sig) for r, host, sig, _, _ in got) == [("0", "nemoft-n1", "SIGUSR1"),
+                                                                      ("1", "nemoft-n2", "SIGUSR1")], first[-3000:]
+    assert all(pid == waiting[r] and step == "0" for r, _, _, pid, step in got)
+    assert f"(exit 75; 75: checkpointed): requeueing job {job_id}" in first
+    assert rerun.count("restart 1: resumed, done") == 2
 
 
 def test_layout_mismatch_is_refused_before_anything_starts(tmp_path):
