@@ -6,7 +6,9 @@
 #   slurm/pipeline.sh runs/pipe sft:model=llama3_8b sft:parallel=tp2 sft:model.restore_from_path=/m/l3.nemo
 #   DRY_RUN=1 slurm/pipeline.sh runs/pipe    # every sbatch and srun line, each stage's config; submits nothing
 # STAGE:KEY=VALUE is a Hydra override for that stage's job (after the defaults below, so it wins).
-# sbatch options: SBATCH_ALL for every job, SBATCH_<STAGE> for one (SBATCH_SFT="--nodes=2 --gpus-per-node=8").
+# sbatch options: NEMO_FT_SBATCH for every job, NEMO_FT_SBATCH_<STAGE> for one
+# (NEMO_FT_SBATCH_SFT="--nodes=2 --ntasks-per-node=8 --gpus-per-node=8"); not SBATCH_*, which sbatch
+# reads itself (SBATCH_EXPORT is its --export).
 # Without OUT: runs/pipeline/<date-time>. Job logs: OUT/logs/<stage>-<job id>.out.
 # A failed job cancels every job after it (--kill-on-invalid-dep=yes: CANCELLED, reason
 # DependencyNeverSatisfied, nothing written); eval's failed gates (exit 3) fail the last job.
@@ -69,10 +71,10 @@ prev=""
 declare -A ids
 for stage in "${stages[@]}"; do
   mapfile -t stage_args < <(printf '%s' "${args[$stage]}"$'\n'"${extra[$stage]:-}" | sed '/^$/d')
-  var=SBATCH_${stage^^}
-  # shellcheck disable=SC2206  # SBATCH_ALL / SBATCH_<STAGE> are lists of options, split on spaces
+  var=NEMO_FT_SBATCH_${stage^^}
+  # shellcheck disable=SC2206  # NEMO_FT_SBATCH[_<STAGE>] are lists of options, split on spaces
   opts=(--parsable --job-name="nemo-ft-$stage" --output="$OUT/logs/$stage-%j.out" --open-mode=append
-        ${SBATCH_ALL:-} ${!var:-})
+        ${NEMO_FT_SBATCH:-} ${!var:-})
   if [ -n "$prev" ]; then opts+=(--dependency="afterok:$prev" --kill-on-invalid-dep=yes); fi
   cmd=(sbatch "${opts[@]}" "${script[$stage]}" "${stage_args[@]}")
   if [ -n "${DRY_RUN:-}" ]; then

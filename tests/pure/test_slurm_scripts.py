@@ -69,7 +69,8 @@ def _run(cmd, cwd=REPO, **env):
 def test_pipeline_dry_run_prints_the_dependent_jobs_and_each_config_and_submits_nothing(tmp_path):
     env = _fake_slurm(tmp_path)
     out = tmp_path / "pipe"
-    proc = _run(["bash", "slurm/pipeline.sh", str(out), "sft:trainer.max_steps=7"], DRY_RUN="1", **env)
+    proc = _run(["bash", "slurm/pipeline.sh", str(out), "sft:trainer.max_steps=7"], DRY_RUN="1",
+                NEMO_FT_SBATCH="--partition=gpu", NEMO_FT_SBATCH_SFT="--nodes=2 --ntasks-per-node=8", **env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout
     assert not (tmp_path / "calls.txt").exists() and not out.exists()
@@ -77,6 +78,8 @@ def test_pipeline_dry_run_prints_the_dependent_jobs_and_each_config_and_submits_
     assert [re.search(r"slurm/\w+\.sh", s).group() for s in sbatch] == ["slurm/prep.sh", "slurm/sft_lora.sh",
                                                                          "slurm/export.sh"]
     assert "--dependency" not in sbatch[0]
+    assert all("--partition=gpu" in line for line in sbatch)
+    assert "--nodes=2 --ntasks-per-node=8" in sbatch[1] and "--nodes" not in sbatch[0] + sbatch[2]
     assert r"--dependency=afterok:\<prep\ job\ id\> --kill-on-invalid-dep=yes" in sbatch[1]
     assert r"--dependency=afterok:\<sft\ job\ id\> --kill-on-invalid-dep=yes" in sbatch[2]
     assert f"--output={out}/logs/sft-%j.out" in sbatch[1] and sbatch[1].endswith("trainer.max_steps=7")

@@ -1,6 +1,6 @@
 """The sbatch scripts on the real one-node SLURM (.ci/slurm_up.sh): slurm/pipeline.sh runs its stages as
-dependent jobs to the end, and a failed stage cancels the jobs after it; a node-count mismatch is
-refused. (The preemption signal is tested on the two-node cluster, test_two_nodes.py.)"""
+dependent jobs to the end, and a failed stage cancels the jobs after it; failed eval gates fail the
+job; a node-count mismatch is refused. (The preemption signal is tested on the two-node cluster, test_two_nodes.py.)"""
 import json
 import os
 import re
@@ -28,6 +28,17 @@ def test_nodes_mismatch_fails_before_anything_starts(tmp_path):
     assert "trainer.num_nodes: SLURM started this job step on 1 node(s) but trainer.num_nodes = 2" in text
     assert "trainer.devices: the launcher started 1 process(es)" in text and "Traceback" not in text
     assert not (tmp_path / "run" / "nemo").exists()
+
+
+def test_failed_eval_gates_fail_the_job(tmp_path):
+    """eval exits 3 on failed gates (a payload stands in for the stage until it exists): the job fails
+    with that status, so a pipeline's last job fails."""
+    log = tmp_path / "job.out"
+    job_id = jobs.submit(f"--output={log}", "slurm/eval.sh", "from_run=runs/export/x",
+                         NEMO_FT_STAGE_PKG="tests.slurm.payloads")
+    state = jobs.wait_done(job_id, 60)
+    assert (state["JobState"], state["ExitCode"]) == ("FAILED", "3:0"), log.read_text()[-3000:]
+    assert "gates failed for runs/export/x" in log.read_text()
 
 
 def _submit_pipeline(out, *overrides):
