@@ -58,21 +58,31 @@ def lift_requeue_hold(job_id: str, conf: str | None = None) -> None:
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+3"], capture_output=True, env=env(conf))
 
 
-def wait_done(job_id: str, timeout: float, conf: str | None = None, *, rerun_now: bool = False) -> dict:
-    """Poll until the job has ended (and return its record); with rerun_now, lift a requeue's hold."""
+def wait_all(job_ids, timeout: float, conf: str | None = None, *, rerun_now: bool = False) -> dict:
+    """Poll until every job has ended; {job id: its record}. With rerun_now, lift each requeue's hold."""
     deadline = time.monotonic() + timeout
-    lifted, state = False, {}
+    done, lifted, state = {}, set(), {}
     while time.monotonic() < deadline:
-        state = job(job_id, conf)
-        if state["JobState"] in ENDED:
-            return state
-        if rerun_now and not lifted and state["JobState"] == "PENDING" and state.get("Reason") == "BeginTime":
-            lift_requeue_hold(job_id, conf)
-            lifted = True
-        if state["JobState"] == "RUNNING":
-            lifted = False
+        for job_id in [j for j in job_ids if j not in done]:
+            state = job(job_id, conf)
+            if state["JobState"] in ENDED:
+                done[job_id] = state
+            elif state["JobState"] == "PENDING" and state.get("Reason") == "BeginTime" and rerun_now \
+                    and job_id not in lifted:
+                lift_requeue_hold(job_id, conf)
+                lifted.add(job_id)
+            elif state["JobState"] == "RUNNING":
+                lifted.discard(job_id)
+        if len(done) == len(job_ids):
+            return done
         time.sleep(0.3)
-    raise AssertionError(f"job {job_id} still {state.get('JobState')} ({state.get('Reason')}) after {timeout} s")
+    raise AssertionError(f"jobs {sorted(set(job_ids) - set(done))} not ended after {timeout} s: last seen "
+                         f"{state.get('JobState')} ({state.get('Reason')})")
+
+
+def wait_done(job_id: str, timeout: float, conf: str | None = None, *, rerun_now: bool = False) -> dict:
+    """Poll until the job has ended and return its record; with rerun_now, lift a requeue's hold."""
+    return wait_all([job_id], timeout, conf, rerun_now=rerun_now)[job_id]
 
 
 def cancel(*job_ids: str, conf: str | None = None) -> None:

@@ -17,8 +17,29 @@ pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(not SLURM_READY, reason="no SLURM here (bash .ci/slurm_up.sh starts one)")]
 
 
-def test_nodes_mismatch_fails_before_anything_starts(tmp_path):
-    """A 2-node profile on a 1-node job: both problems named, exit 2, no traceback, nothing written."""
+def _submit_pipeline(out, *overrides):
+    import subprocess
+
+    proc = subprocess.run(["bash", "slurm/pipeline.sh", str(out), *overrides], cwd=REPO, capture_output=True,
+                          text=True, env=jobs.env(), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    ids = dict(re.findall(r"\[nemo-ft pipeline\] (\w+): job (\d+) ->", proc.stdout))
+    return ids, proc.stdout
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    """Two pipelines submitted at once: one that runs to the end, one whose sft stage fails."""
+    root = tmp_path_factory.mktemp("pipelines")
+    good = _submit_pipeline(root / "good", "sft:trainer.max_steps=10", "sft:trainer.val_check_interval=5")
+    bad = _submit_pipeline(root / "bad", "sft:parallel=cpu_tp2")  # 2 devices, 1 task: sft exits 2
+    yield root, good, bad
+    jobs.cancel(*good[0].values(), *bad[0].values())
+
+
+def test_nodes_mismatch_fails_before_anything_starts(tmp_path, pipelines):
+    """A 2-node profile on a 1-node job: both problems named, exit 2, no traceback, nothing written.
+    (`pipelines`: submitted first, so this job runs while theirs do.)"""
     log = tmp_path / "job.out"
     job_id = jobs.submit(f"--output={log}", "slurm/sft_lora.sh", "parallel=cpu_pp2_2nodes",
                          f"run.dir={tmp_path / 'run'}")
@@ -39,26 +60,6 @@ def test_failed_eval_gates_fail_the_job(tmp_path):
     state = jobs.wait_done(job_id, 60)
     assert (state["JobState"], state["ExitCode"]) == ("FAILED", "3:0"), log.read_text()[-3000:]
     assert "gates failed for runs/export/x" in log.read_text()
-
-
-def _submit_pipeline(out, *overrides):
-    import subprocess
-
-    proc = subprocess.run(["bash", "slurm/pipeline.sh", str(out), *overrides], cwd=REPO, capture_output=True,
-                          text=True, env=jobs.env(), timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    ids = dict(re.findall(r"\[nemo-ft pipeline\] (\w+): job (\d+) ->", proc.stdout))
-    return ids, proc.stdout
-
-
-@pytest.fixture(scope="module")
-def pipelines(tmp_path_factory):
-    """Two pipelines submitted at once: one that runs to the end, one whose sft stage fails."""
-    root = tmp_path_factory.mktemp("pipelines")
-    good = _submit_pipeline(root / "good", "sft:trainer.max_steps=10", "sft:trainer.val_check_interval=5")
-    bad = _submit_pipeline(root / "bad", "sft:parallel=cpu_tp2")  # 2 devices, 1 task: sft exits 2
-    yield root, good, bad
-    jobs.cancel(*good[0].values(), *bad[0].values())
 
 
 def test_pipeline_runs_each_stage_as_a_dependent_job_to_the_end(pipelines):

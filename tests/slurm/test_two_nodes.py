@@ -48,7 +48,8 @@ def runs(tmp_path_factory):
         ids["signal"] = jobs.submit(*TWO_NODES, "--time=2", f"--output={root}/signal.out", "slurm/sft_lora.sh",
                                     f"run.dir={root / 'signal'}", conf=CONF, NEMO_FT_STAGE_PKG="tests.slurm.payloads")
         requeued_at = _requeue_past_first_checkpoint(ids["pp2"], root / "pp2")
-        states = {name: jobs.wait_done(i, 300, CONF, rerun_now=True) for name, i in ids.items()}
+        ended = jobs.wait_all(list(ids.values()), 300, CONF, rerun_now=True)
+        states = {name: ended[i] for name, i in ids.items()}
         assert ref.wait(timeout=300) == 0, ref.stderr.read()[-3000:]
     finally:
         jobs.cancel(*ids.values(), conf=CONF)
