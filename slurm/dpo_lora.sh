@@ -5,8 +5,8 @@
 #   sbatch --nodes=2 --ntasks-per-node=8 --gpus-per-node=8 slurm/dpo_lora.sh parallel=tp8_pp2 from_run=...
 # from_run: the sft run whose manifest names the base and the adapter (as `nemo-ft export` reads it).
 # --nodes / --ntasks-per-node must match trainer.num_nodes / trainer.devices (checked before anything
-# starts). Preempted, timed out or requeued, it resumes from its last checkpoint in the same run.dir
-# (default runs/dpo/<job name>).
+# starts). Requeued, it resumes from its last checkpoint in the same run.dir (default runs/dpo/<job
+# name>); SIGUSR1 120 s before the time limit asks the stage to checkpoint and stop (slurm/_launch.sh).
 #SBATCH --job-name=nemo-ft-dpo
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1

@@ -7,8 +7,8 @@
 # Overrides: `critic:KEY=VALUE` go to the server only, `actor:KEY=VALUE` to the actor only, plain
 # KEY=VALUE to both. Each component's resources are its own header block below (edit the GPUs of each);
 # each is its own torch.distributed world with its own rendezvous. The job ends with the actor: its
-# exit status is the job's, and SLURM ends the server step with the job. The actor resumes from its
-# checkpoint when requeued (SIGUSR1 120 s before the limit, as for sft).
+# exit status is the job's, and SLURM ends the server step with the job. Requeued, the actor resumes
+# from its checkpoint; SIGUSR1 120 s before the limit goes to the actor, as for sft (slurm/_launch.sh).
 #SBATCH --job-name=nemo-ft-ppo
 #SBATCH --output=slurm-%x-%j.out
 #SBATCH --open-mode=append

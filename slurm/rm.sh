@@ -2,8 +2,9 @@
 # Reward model training (NeMo-Aligner) on SLURM: one task per GPU; Hydra overrides after the script name.
 #   sbatch slurm/rm.sh model.restore_from_path=/models/base.nemo <preference data overrides>
 # --nodes / --ntasks-per-node must match trainer.num_nodes / trainer.devices (checked before anything
-# starts). Preempted, timed out or requeued, it resumes from its last checkpoint in the same run.dir
-# (default runs/rm/<job name>). The trained model is what slurm/rlhf_ppo.sh serves.
+# starts). Requeued, it resumes from its last checkpoint in the same run.dir (default runs/rm/<job
+# name>); SIGUSR1 120 s before the time limit asks the stage to checkpoint and stop (slurm/_launch.sh).
+# The trained model is what slurm/rlhf_ppo.sh serves.
 #SBATCH --job-name=nemo-ft-rm
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1

@@ -4,8 +4,9 @@
 #       'model.data.train_ds.file_names=[data/train.jsonl]' 'model.data.validation_ds.file_names=[data/val.jsonl]'
 #   sbatch --nodes=2 --ntasks-per-node=8 --gpus-per-node=8 slurm/sft_lora.sh parallel=tp8_pp2 ...
 # --nodes must equal trainer.num_nodes and --ntasks-per-node trainer.devices of the parallel profile
-# (checked before anything starts). Preempted, timed out (SIGUSR1 120 s before the limit) or requeued,
-# the job resumes from its last checkpoint: the same run.dir is reused (default runs/sft/<job name>).
+# (checked before anything starts). Requeued (scontrol requeue, preemption), the job resumes from its
+# last checkpoint: the same run.dir is reused (default runs/sft/<job name>). 120 s before the time
+# limit the stage gets SIGUSR1 to checkpoint and stop, and the job requeues itself (slurm/_launch.sh).
 #SBATCH --job-name=nemo-ft-sft
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
