@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline as dependent SLURM jobs: prep -> sft -> dpo -> export -> eval. Each job starts only
 # if the one before it succeeded (--dependency=afterok) and reads that job's run directory (its
-# manifest) as its input. A stage joins when nemo_ft/stages/<stage>.py exists (prep, sft, export now).
+# manifest) as its input. A stage joins when nemo_ft/stages/<stage>.py exists (dpo does not yet).
 #   slurm/pipeline.sh [OUT] [STAGE:KEY=VALUE ...]
 #   slurm/pipeline.sh runs/pipe sft:model=llama3_8b sft:parallel=tp2 sft:model.restore_from_path=/m/l3.nemo
 #   DRY_RUN=1 slurm/pipeline.sh runs/pipe    # every sbatch and srun line, each stage's config; submits nothing
@@ -29,23 +29,30 @@ for arg in "$@"; do
 done
 
 have() { [ -f "nemo_ft/stages/$1.py" ]; }
-# Each stage: its script, and its defaults (the shipped sample data through the tiny model, as
-# scripts/demo.sh); each reads the run directory of the stage before it.
+# Each stage: its script, and its defaults: scripts/demo.sh's tiny pipeline (the learnable lookup task,
+# held-out = unseen pairings, plus a general share for eval's forgetting gate); each reads the run
+# directory of the stage before it.
 stages=(prep sft)
 declare -A script=([prep]=slurm/prep.sh [sft]=slurm/sft_lora.sh [dpo]=slurm/dpo_lora.sh
                    [export]=slurm/export.sh [eval]=slurm/eval.sh)
 declare -A args
 args[prep]="out_dir=$OUT/prep
 template.prompt_template='{input}{output}'
-inputs=[{path: data/sample/sft_train.jsonl, weight: 0.857}, {path: data/sample/sft_validation.jsonl, weight: 0.143}]
-split.train=0.8
+progress=false
+inputs=[{path: data/sample/lookup_train.jsonl, weight: 0.8, split: train}, {path: data/sample/lookup_validation.jsonl, split: validation}, {path: data/sample/lookup_test.jsonl, split: test}, {path: data/sample/sft_train.jsonl, weight: 0.2, general: true}]
+split.train=0.7
 split.validation=0.15
-split.test=0.05
+split.test=0.15
 seq_length=128"
 args[sft]="run.dir=$OUT/sft
 model.data.train_ds.file_names=[$OUT/prep/train.jsonl]
 model.data.validation_ds.file_names=[$OUT/prep/validation.jsonl]
-trainer.enable_progress_bar=false"
+trainer.max_steps=200
+trainer.val_check_interval=50
+trainer.enable_progress_bar=false
+model.peft.lora_tuning.target_modules=[all]
+model.peft.lora_tuning.adapter_dim=16
+model.optim.lr=3e-3"
 # sft finds prep's files by prep's contract (OUT/prep/<split>.jsonl) and checks them against prep's
 # manifest (sha256, tokenizer, template) before it starts; the later stages read from_run=.
 last=sft
@@ -62,7 +69,7 @@ out_dir=$OUT/export"
 if have eval; then
   stages+=(eval)
   args[eval]="from_run=$OUT/export
-run.dir=$OUT/eval"
+out_dir=$OUT/eval"
 fi
 
 [ -n "${DRY_RUN:-}" ] || mkdir -p "$OUT/logs"
@@ -90,7 +97,7 @@ for stage in "${stages[@]}"; do
   ids[$stage]=$id
   prev=$id
   case $stage in
-    prep|export) where=$(printf '%s\n' "${stage_args[@]}" | sed -n 's/^out_dir=//p' | tail -n1) ;;
+    prep|export|eval) where=$(printf '%s\n' "${stage_args[@]}" | sed -n 's/^out_dir=//p' | tail -n1) ;;
     *) where=$(printf '%s\n' "${stage_args[@]}" | sed -n 's/^run\.dir=//p' | tail -n1) ;;
   esac
   echo "[nemo-ft pipeline] $stage: job $id -> $where (log $OUT/logs/$stage-$id.out)"
