@@ -5,7 +5,8 @@
 #   slurm/pipeline.sh [OUT] [STAGE:KEY=VALUE ...]
 #   slurm/pipeline.sh runs/pipe sft:model=llama3_8b sft:parallel=tp2 sft:model.restore_from_path=/m/l3.nemo
 #   DRY_RUN=1 slurm/pipeline.sh runs/pipe    # every sbatch and srun line, each stage's config; submits nothing
-# STAGE:KEY=VALUE is a Hydra override for that stage's job (after the defaults below, so it wins).
+# STAGE:KEY=VALUE is a Hydra override for that stage's job (after the defaults below, so it wins); each
+# stage writes OUT/<stage>, where the next one reads it (so leave run.dir / out_dir alone).
 # sbatch options: NEMO_FT_SBATCH for every job, NEMO_FT_SBATCH_<STAGE> for one
 # (NEMO_FT_SBATCH_SFT="--nodes=2 --ntasks-per-node=8 --gpus-per-node=8"); not SBATCH_*, which sbatch
 # reads itself (SBATCH_EXPORT is its --export).

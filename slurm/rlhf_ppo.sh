@@ -9,6 +9,8 @@
 # each is its own torch.distributed world with its own rendezvous. The job ends with the actor: its
 # exit status is the job's, and SLURM ends the server step with the job. Requeued, the actor resumes
 # from its checkpoint; SIGUSR1 120 s before the limit goes to the actor, as for sft (slurm/_launch.sh).
+# The ppo stage (nemo_ft/stages/ppo.py, not yet written) is called as `role=critic` / `role=actor` with
+# Aligner's keys (trainer.ppo.port, remote_critic_rm.*): the interface this script proposes to it.
 #SBATCH --job-name=nemo-ft-ppo
 #SBATCH --output=slurm-%x-%j.out
 #SBATCH --open-mode=append
