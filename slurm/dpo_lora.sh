@@ -1,9 +1,10 @@
 #!/bin/bash
 # DPO (NeMo-Aligner) with LoRA on SLURM, starting from an SFT run: one task per GPU; Hydra overrides
 # after the script name.
-#   sbatch slurm/dpo_lora.sh from_run=runs/sft/nemo-ft-sft <preference data overrides>
+#   sbatch slurm/dpo_lora.sh from_run=runs/sft/nemo-ft-sft data_dir=runs/prep_dpo
 #   sbatch --nodes=2 --ntasks-per-node=8 --gpus-per-node=8 slurm/dpo_lora.sh parallel=tp8_pp2 from_run=...
-# from_run: the sft run whose manifest names the base and the adapter (as `nemo-ft export` reads it).
+# from_run: the sft run whose manifest names the base and the adapter (merged into the base: the
+# reference policy); data_dir: a `nemo-ft prep task=dpo` out_dir (slurm/prep.sh task=dpo ...).
 # --nodes / --ntasks-per-node must match trainer.num_nodes / trainer.devices (checked before anything
 # starts). Requeued, it resumes from its last checkpoint in the same run.dir (default runs/dpo/<job
 # name>); SIGUSR1 120 s before the time limit asks the stage to checkpoint and stop (slurm/_launch.sh).

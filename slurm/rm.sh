@@ -1,6 +1,7 @@
 #!/bin/bash
 # Reward model training (NeMo-Aligner) on SLURM: one task per GPU; Hydra overrides after the script name.
-#   sbatch slurm/rm.sh model.restore_from_path=/models/base.nemo <preference data overrides>
+#   sbatch slurm/rm.sh data_dir=runs/prep_rm model.restore_from_path=/models/base.nemo
+# data_dir: a `nemo-ft prep task=rm` out_dir (slurm/prep.sh task=rm ...).
 # --nodes / --ntasks-per-node must match trainer.num_nodes / trainer.devices (checked before anything
 # starts). Requeued, it resumes from its last checkpoint in the same run.dir (default runs/rm/<job
 # name>); SIGUSR1 120 s before the time limit asks the stage to checkpoint and stop (slurm/_launch.sh).

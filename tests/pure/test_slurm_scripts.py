@@ -17,13 +17,22 @@ SHELL_SCRIPTS = sorted([*REPO.glob("slurm/*.sh"), *REPO.glob(".ci/*.sh"), REPO /
 STAGE_SCRIPTS = {"prep.sh": "prep", "sft_lora.sh": "sft", "dpo_lora.sh": "dpo", "rm.sh": "rm", "export.sh": "export",
                  "eval.sh": "eval", "rlhf_ppo.sh": "ppo"}
 RESUMABLE = ("sft_lora.sh", "dpo_lora.sh", "rm.sh", "rlhf_ppo.sh")
-PIPELINE = ("prep", "sft", "dpo", "export", "eval")
-SCRIPT_OF = {"prep": "prep", "sft": "sft_lora", "dpo": "dpo_lora", "export": "export", "eval": "eval"}
+SCRIPT_OF = {"prep": "prep", "prep_dpo": "prep", "sft": "sft_lora", "dpo": "dpo_lora", "export": "export",
+             "eval": "eval"}
 
 
-def present_stages() -> list[str]:
-    """The pipeline's stages whose module exists in this checkout (the others join when they land)."""
-    return [s for s in PIPELINE if (REPO / "nemo_ft" / "stages" / f"{s}.py").exists()]
+def present_stages(root=REPO) -> list[str]:
+    """The pipeline's jobs for the stages whose module exists (the others join when they land):
+    dpo brings prep_dpo, its preference data."""
+    have = {s for s in ("dpo", "eval") if (root / "nemo_ft" / "stages" / f"{s}.py").exists()}
+    return ["prep", *(["prep_dpo"] if "dpo" in have else []), "sft", *(["dpo"] if "dpo" in have else []), "export",
+            *(["eval"] if "eval" in have else [])]
+
+
+def reads(stages) -> dict:
+    """The jobs each job waits for (afterok), in the order pipeline.sh names them."""
+    return {"sft": ["prep"], "dpo": ["sft", "prep_dpo"], "export": ["dpo" if "dpo" in stages else "sft"],
+            "eval": ["export"]}
 
 
 def test_shell_scripts_are_shellcheck_clean():
@@ -84,14 +93,20 @@ def test_pipeline_dry_run_prints_the_dependent_jobs_and_each_config_and_submits_
     stages = present_stages()
     sbatch = [line for line in text.splitlines() if line.startswith("+ sbatch")]
     assert [re.search(r"slurm/(\w+)\.sh", s).group(1) for s in sbatch] == [SCRIPT_OF[s] for s in stages]
-    assert "--dependency" not in sbatch[0]
-    for before, line in zip(stages, sbatch[1:]):
-        assert f"--dependency=afterok:\\<{before}\\ job\\ id\\> --kill-on-invalid-dep=yes" in line
+    line_of = dict(zip(stages, sbatch))
+    for stage, line in line_of.items():
+        ups = reads(stages).get(stage)
+        if not ups:
+            assert "--dependency" not in line, stage
+            continue
+        dep = ":".join(f"\\<{u}\\ job\\ id\\>" for u in ups)
+        assert f"--dependency=afterok:{dep} --kill-on-invalid-dep=yes" in line, stage
     assert all("--partition=gpu" in line for line in sbatch)
-    assert "--nodes=2 --ntasks-per-node=8" in sbatch[1] and "--nodes" not in sbatch[0] + sbatch[2]
-    assert f"--output={out}/logs/sft-%j.out" in sbatch[1] and sbatch[1].endswith("trainer.max_steps=7")
+    assert "--nodes=2 --ntasks-per-node=8" in line_of["sft"] and "--nodes" not in line_of["prep"] + line_of["export"]
+    assert f"--output={out}/logs/sft-%j.out" in line_of["sft"] and line_of["sft"].endswith("trainer.max_steps=7")
     srun = [line for line in text.splitlines() if line.startswith("+ srun")]
-    assert [re.search(r"-m nemo_ft\.stages\.(\w+)", s).group(1) for s in srun] == stages
+    assert [re.search(r"-m nemo_ft\.stages\.(\w+)", s).group(1) for s in srun] == [
+        "prep" if s == "prep_dpo" else s for s in stages]
     # Each stage's composed config, reading the run dir of the one before.
     config = dict(zip(stages, re.split(r"^== \w+$", text, flags=re.M)[1:]))
     assert f"out_dir: {out}/prep" in config["prep"]
@@ -119,11 +134,14 @@ def test_pipeline_takes_each_stage_whose_module_exists(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     configs = re.findall(r"^config of -m nemo_ft\.stages\.(\w+) --cfg job (.*)$", proc.stdout, flags=re.M)
     out = str(tree / "OUT")
-    assert [stage for stage, _ in configs] == ["prep", "sft", "dpo", "export", "eval"]
+    assert [stage for stage, _ in configs] == ["prep", "prep", "sft", "dpo", "export", "eval"]
+    assert present_stages(tree) == ["prep", "prep_dpo", "sft", "dpo", "export", "eval"]
     args = dict(configs)
-    assert f"from_run={out}/sft" in args["dpo"] and args["dpo"].endswith("beta=0.1")
+    assert configs[1][1].startswith(f"task=dpo out_dir={out}/prep_dpo")
+    assert f"from_run={out}/sft data_dir={out}/prep_dpo" in args["dpo"] and args["dpo"].endswith("beta=0.1")
     assert f"from_run={out}/dpo out_dir={out}/export" in args["export"]
     assert f"from_run={out}/export out_dir={out}/eval" in args["eval"] and args["eval"].endswith("gates=strict")
+    assert "afterok:\\<sft\\ job\\ id\\>:\\<prep_dpo\\ job\\ id\\>" in proc.stdout
     assert "afterok:\\<dpo\\ job\\ id\\>" in proc.stdout and not (tmp_path / "calls.txt").exists()
 
 

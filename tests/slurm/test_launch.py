@@ -34,6 +34,7 @@ def pipelines(tmp_path_factory):
     # 10 steps, not the demo's 200: the loss, EOS and forgetting gates pass (4.48 -> 1.83 held-out loss),
     # exact match needs the demo's training (it gates there). This proves the wiring, the demo the learning.
     good = _submit_pipeline(root / "good", "sft:trainer.max_steps=10", "sft:trainer.val_check_interval=5",
+                            "dpo:trainer.dpo.max_steps=4", "dpo:trainer.dpo.val_check_interval=2",
                             "eval:eval.max_examples=8", "eval:eval.gates.min_exact_match=null")
     bad = _submit_pipeline(root / "bad", "sft:parallel=cpu_tp2")  # 2 devices, 1 task: sft exits 2
     yield root, good, bad
@@ -68,38 +69,42 @@ def test_failed_eval_gates_fail_the_job(tmp_path):
 def test_pipeline_runs_each_stage_as_a_dependent_job_to_the_end(pipelines):
     root, (ids, printed), _ = pipelines
     out = root / "good"
-    stages = [s for s in ("prep", "sft", "dpo", "export", "eval") if (REPO / "nemo_ft/stages" / f"{s}.py").exists()]
-    assert list(ids) == stages  # dpo joins when its stage exists
+    have = {s for s in ("dpo", "eval") if (REPO / "nemo_ft" / "stages" / f"{s}.py").exists()}
+    assert list(ids) == ["prep", *(["prep_dpo", "sft", "dpo"] if "dpo" in have else ["sft"]), "export",
+                         *(["eval"] if "eval" in have else [])]
     assert f"export: job {ids['export']} -> {out}/export (log {out}/logs/export-{ids['export']}.out)" in printed
     states = {s: jobs.wait_done(i, 400) for s, i in ids.items()}
     logs = {s: (out / "logs" / f"{s}-{i}.out").read_text() for s, i in ids.items()}
     for stage, st in states.items():
         assert (st["JobState"], st["ExitCode"]) == ("COMPLETED", "0:0"), (stage, logs[stage][-3000:])
-    # Each stage read the one before it: sft trained on prep's files, export on sft's adapter.
-    sft = json.loads((out / "sft" / "manifest.json").read_text())
-    assert sft["config"]["model"]["data"]["train_ds"]["file_names"] == [str(out / "prep" / "train.jsonl")]
-    export = json.loads((out / "export" / "manifest.json").read_text())
-    inputs = {r["role"]: r for r in export["inputs"]}
-    assert inputs["adapter"]["path"] == str(out / "sft" / "adapter.nemo")
-    assert inputs["adapter"]["sha256"] == {r["role"]: r for r in sft["outputs"]}["adapter"]["sha256"]
+    # Each stage read the one before it: sft trained on prep's files, dpo started from sft's adapter,
+    # export exported the last adapter (the very file: its sha256).
+    manifest = {s: json.loads((out / s / "manifest.json").read_text()) for s in ids if s not in ("prep", "prep_dpo")}
+    inputs = {s: {r["role"]: r for r in m["inputs"]} for s, m in manifest.items()}
+    outputs = {s: {r["role"]: r for r in m["outputs"]} for s, m in manifest.items()}
+    assert manifest["sft"]["config"]["model"]["data"]["train_ds"]["file_names"] == [str(out / "prep" / "train.jsonl")]
+    last = "dpo" if "dpo" in ids else "sft"
+    if last == "dpo":
+        assert str(out / "sft" / "adapter.nemo") in json.dumps(manifest["dpo"]["inputs"])
+    assert inputs["export"]["adapter"]["path"] == str(out / last / "adapter.nemo")
+    assert inputs["export"]["adapter"]["sha256"] == outputs[last]["adapter"]["sha256"]
     assert (out / "export" / "adapter_tp1.nemo").exists()
     if "eval" in ids:  # eval read export's run: its base and adapter, and prep's held-out split
-        report = json.loads((out / "eval" / "manifest.json").read_text())
-        used = {r["role"]: r["path"] for r in report["inputs"]}
-        assert used["test"] == str(out / "prep" / "test.jsonl") and (out / "eval" / "report.md").exists()
-        assert "PASS: sft passed every gate" in logs["eval"]
+        assert inputs["eval"]["test"]["path"] == str(out / "prep" / "test.jsonl")
+        assert (out / "eval" / "report.md").exists() and f"PASS: {last} passed every gate" in logs["eval"]
 
 
 def test_a_failed_stage_cancels_every_job_after_it(pipelines):
     root, _, (ids, _) = pipelines
     out = root / "bad"
     sft = jobs.wait_done(ids["sft"], 300)
-    later = {s: jobs.wait_done(i, 60) for s, i in ids.items() if s not in ("prep", "sft")}
+    later = {s: jobs.wait_done(i, 60) for s, i in ids.items() if s not in ("prep", "prep_dpo", "sft")}
     assert jobs.job(ids["prep"])["JobState"] == "COMPLETED"
     assert (sft["JobState"], sft["ExitCode"]) == ("FAILED", "2:0")
     assert {s: (st["JobState"], st["Reason"]) for s, st in later.items()} == {
         s: ("CANCELLED", "DependencyNeverSatisfied") for s in later} and "export" in later
     assert "trainer.devices: the launcher started 1 process(es)" in (out / "logs" / f"sft-{ids['sft']}.out").read_text()
     assert not (out / "sft" / "manifest.json").exists()
-    for stage in later:  # never started: no output, no log, not even a temp dir
-        assert not list(out.glob(f"*{stage}*")) and not list((out / "logs").glob(f"{stage}-*")), stage
+    written = {p.name for p in out.iterdir()} | {p.name.split("-")[0] for p in (out / "logs").iterdir()}
+    for stage in later:  # never started: no output, no log, not even a temp dir (export's .export.partial)
+        assert not {stage, f".{stage}.partial"} & written, (stage, written)
