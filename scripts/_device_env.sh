@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the scripts/gpu_*.sh device checks: PY, thread settings, and (WHEELS=1, on a bare lent
 # machine) the carried .whl/ wheels installed once into /tmp/site and put on PYTHONPATH.
 PY=${PY:-python3}

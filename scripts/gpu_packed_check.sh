@@ -11,7 +11,7 @@ DATA=$(mktemp -d)
 $PY -m nemo_ft.stages.prep input=data/sample/sft_train.jsonl out_dir="$DATA" "template.prompt_template='{input}{output}'" \
   pack=true seq_length=128 progress=false > /dev/null
 for mode in mask loop; do
-  NEMO_FT_PACKED_ATTENTION=$mode timeout 150 $PY tests/e2e/packed_check.py "$DATA/packed_128_seed0.npy" 3 \
+  NEMO_FT_PACKED_ATTENTION=$mode timeout 150 "$PY" tests/e2e/packed_check.py "$DATA/packed_128_seed0.npy" 3 \
     parallel=debug_1gpu 2> "$OUT/packed_check_$mode.log" | tail -1 > "$OUT/packed_check_$mode.json"
 done
 $PY - "$OUT" <<'PY'

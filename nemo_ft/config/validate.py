@@ -12,7 +12,7 @@ from typing import Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_ft import artifacts
+from nemo_ft import artifacts, slurm
 from nemo_ft.errors import ConfigError, InputError
 from nemo_ft.nemo_archive import NemoArchive
 from nemo_ft.peft import FAST_GATED, lora_targets, schemes_of
@@ -51,6 +51,7 @@ def check_parallel(cfg) -> Iterable[ConfigError]:
                           f"the launcher started {launched} process(es) but trainer.devices x trainer.num_nodes = "
                           f"{world}; launch one process per device (torchrun --nproc_per_node {world}, or srun "
                           f"--ntasks {world}) or pick the matching parallel=<profile>")
+    yield from _check_srun_layout(cfg, launched == world)
     if tp < 1 or pp < 1:
         yield ConfigError("model.tensor_model_parallel_size", f"TP={tp} and PP={pp} must both be >= 1")
         return
@@ -81,6 +82,25 @@ def check_parallel(cfg) -> Iterable[ConfigError]:
         yield ConfigError("model.global_batch_size",
                           f"global_batch_size={gbs} must be a multiple of micro_batch_size x data_parallel "
                           f"= {mbs} x {dp} = {mbs * dp}")
+
+
+def _check_srun_layout(cfg, total_ok: bool) -> Iterable[ConfigError]:
+    """Under srun: the step's nodes = trainer.num_nodes and its tasks on every node = trainer.devices."""
+    step = slurm.srun_step()
+    if step is None:
+        return
+    devices = _int(cfg, "trainer.devices", 1)
+    nodes = _int(cfg, "trainer.num_nodes", 1)
+    if step.nodes != nodes:
+        yield ConfigError("trainer.num_nodes",
+                          f"SLURM started this job step on {step.nodes} node(s) but trainer.num_nodes = {nodes}; "
+                          f"sbatch --nodes {nodes} --ntasks-per-node {devices}, or pick the matching parallel=<profile>")
+    # A wrong total is reported above; uneven placement with the right total (or on the wrong node count) here.
+    if (total_ok or step.nodes != nodes) and any(n != devices for n in step.tasks_per_node):
+        yield ConfigError("trainer.devices",
+                          f"SLURM placed {','.join(map(str, step.tasks_per_node))} task(s) on its "
+                          f"{step.nodes} node(s) but trainer.devices = {devices} (one task per device on every "
+                          f"node); sbatch --ntasks-per-node {devices}")
 
 
 def check_peft(cfg) -> Iterable[ConfigError]:

@@ -13,6 +13,7 @@ import os
 import socket
 from dataclasses import dataclass
 
+from nemo_ft import slurm
 from nemo_ft.runtime import patches
 
 
@@ -58,11 +59,9 @@ def init_distributed(tp: int, pp: int, cuda: bool) -> Runtime:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    if "WORLD_SIZE" not in os.environ and "SLURM_NTASKS" in os.environ:
-        # srun started one task per device: translate SLURM's variables for torch.distributed.
-        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
-        os.environ["RANK"] = os.environ["SLURM_PROCID"]
-        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    # srun started one task per device: SLURM's variables as torchrun would have set them
+    # (WORLD_SIZE, RANK, LOCAL_RANK, NODE_RANK, LOCAL_WORLD_SIZE; nothing under torchrun).
+    os.environ.update(slurm.torch_env())
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -71,7 +70,7 @@ def init_distributed(tp: int, pp: int, cuda: bool) -> Runtime:
         if "SLURM_JOB_ID" in os.environ and world > 1:
             # Every srun task must agree on the rendezvous without talking first.
             os.environ.setdefault("MASTER_ADDR", _first_slurm_host())
-            os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ["SLURM_JOB_ID"]) % 20000))
+            os.environ.setdefault("MASTER_PORT", str(slurm.job_port(os.environ["SLURM_JOB_ID"])))
         # A single process gets a loopback rendezvous of its own; Lightning reuses the group.
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))

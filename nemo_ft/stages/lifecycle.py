@@ -212,7 +212,8 @@ def _has_checkpoint(run_dir: Path) -> bool:
 def trim_metrics_to_checkpoint(metrics: Path, checkpoints: Path) -> None:
     """On a resume, drop the rows logged after the checkpoint being resumed (exp_manager takes the
     newest *-last.ckpt): a requeued job repeats those steps, and the curve should not jump back."""
-    lasts = list(checkpoints.glob("*-last.ckpt")) if checkpoints.is_dir() else []
+    # rglob: at TP or PP > 1 each rank writes its own tp_rank_XX_pp_rank_YYY/*-last.ckpt
+    lasts = list(checkpoints.rglob("*-last.ckpt")) if checkpoints.is_dir() else []
     found = re.search(r"-step=(\d+)", max(lasts, key=os.path.getmtime).name) if lasts else None
     if not found or not metrics.exists():
         return
