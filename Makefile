@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: install demo test test-fast clean serve-env
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(VENV)/.pytriton  # PyTriton: REINFORCE/PPO servers, nemo-ft serve engine=triton
 
 $(VENV)/.installed: pyproject.toml Makefile
 	@command -v g++ >/dev/null || (echo "installing g++ (NeMo compiles a C++ helper at first use)"; \
@@ -58,5 +58,7 @@ $(SERVE_VENV)/.installed: Makefile
 	$(VPY) -m pip freeze --exclude-editable | grep -v ' @ ' > .venv/constraints.txt
 	$(VPY) -m pip install -q --no-deps nvidia-pytriton==0.5.10 tritonclient==2.52.0
 	$(VPY) -m pip install -q -c .venv/constraints.txt pyzmq sh typing-inspect python-rapidjson geventhttpclient
-	$(VPY) -c "import pytriton.triton, pytriton.client, nemo, sentencepiece, transformers, google.protobuf as p; print('protobuf', p.__version__)"
+	# NeMo-Aligner's RLHF batch iterators import flask at module level (its container ships it).
+	$(VPY) -m pip install -q -c .venv/constraints.txt flask
+	$(VPY) -c "import pytriton.triton, pytriton.client, flask, nemo, sentencepiece, transformers, google.protobuf as p; print('protobuf', p.__version__)"
 	touch $@

@@ -11,6 +11,8 @@ STAGES = {
     "import": "a Hugging Face Llama-family checkpoint -> a base .nemo",
     "dpo": "DPO / IPO / RPO with a LoRA policy through NeMo-Aligner (the SFT adapter merged into the reference)",
     "rm": "a binary-ranking reward model through NeMo-Aligner (full-parameter)",
+    "reinforce": "REINFORCE (RLOO) with a LoRA policy through NeMo-Aligner, its reward server started on 127.0.0.1",
+    "reward_server": "a reward (a nemo-ft rm model, or a rule against references) over PyTriton for RLHF actors",
     "eval": "base vs adapter(s) on held-out rows: loss, generation metrics, forgetting, gates (exit 3 on a fail)",
     "serve": "an export behind vLLM (OpenAI API) or Triton (NeMo in-framework) on 127.0.0.1: base + adapters",
 }
@@ -20,7 +22,7 @@ MODULES = {"import": "import_hf"}
 
 def usage() -> str:
     lines = ["usage: nemo-ft <stage> [hydra overrides...]", "", "stages:"]
-    lines += [f"  {name:<7} {text}" for name, text in STAGES.items()]
+    lines += [f"  {name:<13} {text}" for name, text in STAGES.items()]
     return "\n".join(lines)
 
 

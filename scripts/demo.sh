@@ -54,6 +54,18 @@ $PY -m nemo_ft.stages.prep task=rm out_dir="$OUT/prep_rm" progress=false seq_len
 $PY -m nemo_ft.stages.rm data_dir="$OUT/prep_rm" run.dir="$OUT/rm" trainer.rm.max_steps=40 trainer.rm.val_check_interval=10 \
   2>&1 | grep -E '^\[nemo-ft|^nemo-ft|error|Error' || { echo "rm failed"; exit 1; }
 
+say "reinforce: REINFORCE (RLOO) from the SFT adapter, scored by the demo's reward model -> $OUT/reinforce"
+$PY -m nemo_ft.stages.prep task=rlhf out_dir="$OUT/prep_rlhf" progress=false seq_length=128 \
+  "template.prompt_template='{input}{output}'" \
+  "inputs=[{path: data/sample/lookup_train.jsonl, split: train}, {path: data/sample/lookup_validation.jsonl, split: validation}, {path: data/sample/lookup_test.jsonl, split: test}]"
+# The stage starts `nemo-ft reward_server kind=rm` (Aligner's RewardModelServer around rm.nemo) on
+# 127.0.0.1 itself, waits for it with a deadline and stops it on every exit path.
+$PY -m nemo_ft.stages.reinforce from_run="$OUT/sft" data_dir="$OUT/prep_rlhf" run.dir="$OUT/reinforce" \
+  reward.kind=rm reward.from_run="$OUT/rm" trainer.reinforce.max_steps=10 trainer.reinforce.val_check_interval=5 \
+  2>&1 | grep -E '^\[nemo-ft|^nemo-ft|error|Error' || { echo "reinforce failed"; exit 1; }
+$PY -m nemo_ft.stages.export from_run="$OUT/reinforce" out_dir="$OUT/export_reinforce" \
+  2>&1 | grep -E '^\[nemo-ft export\] exported|error|Error' || { echo "export of the REINFORCE adapter failed"; exit 1; }
+
 say "import: the exported hf_base/ back into a .nemo (what a team starting from HF weights runs) -> $OUT/import"
 $PY -m nemo_ft.stages.import_hf hf="$OUT/export/hf_base" out="$OUT/import/base.nemo" run.dir="$OUT/import" profile=tiny \
   2>&1 | grep -E '^\[nemo-ft|error|Error' || { echo "import failed"; exit 1; }
@@ -65,4 +77,5 @@ echo "  export:         $OUT/export/{adapter_tp1.nemo,hf_base,hf_peft,merged,nim
 echo "  eval:           $OUT/eval/report.md  ($OUT/eval/metrics.png: the verdict)"
 echo "  dpo:            $OUT/dpo/dpo.png (loss, rewards, margin, accuracy); $OUT/eval_dpo/report.md"
 echo "  reward model:   $OUT/rm/rm.nemo ($OUT/rm/rm.png)"
+echo "  reinforce:      $OUT/reinforce/reinforce.png (reward, KL, ended, length); rollouts.jsonl; $OUT/export_reinforce"
 echo "  manifests:      $OUT/*/manifest.json"

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from nemo_ft.config.entry import stage_main
 from nemo_ft.config.validate import check_parallel, fill_defaults
 from nemo_ft.stages import lifecycle
-from nemo_ft.stages.metrics import read_metrics
+from nemo_ft.stages._metrics import read_metrics
 
 
 def read_lines(text_files: list[str]) -> list[str]:

@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from nemo_ft.config.entry import stage_main
 from nemo_ft.config.validate import check_aligner_loop, check_parallel, check_peft, check_restore, check_stack
 from nemo_ft.errors import ConfigError, InputError
-from nemo_ft.stages import aligner, lifecycle
-from nemo_ft.stages.metrics import read_metrics
+from nemo_ft.stages import _aligner as aligner, lifecycle
+from nemo_ft.stages._metrics import read_metrics
 
 BASE_KEY = "pretrained_checkpoint.restore_from_path"
 NEMO_INPUTS = (BASE_KEY, "sft_adapter", "model.peft.restore_from_path")

@@ -40,7 +40,7 @@ from nemo_ft import artifacts
 from nemo_ft.config.entry import StageErrors
 from nemo_ft.config.validate import ARCH_KEYS, PROFILE_ONLY_KEYS
 from nemo_ft.errors import ConfigError, InputError, NemoFtError
-from nemo_ft.stages.metrics import plot_losses
+from nemo_ft.stages._metrics import plot_losses
 
 # trainer.<algorithm> sections of NeMo-Aligner's configs (gpt_dpo.yaml, training_rm.yaml, ...).
 ALIGNER_TRAINER_KEYS = ("dpo", "rm", "ppo", "reinforce", "sft")

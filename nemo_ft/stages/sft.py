@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from nemo_ft.config.entry import stage_main
 from nemo_ft.config.validate import fill_defaults, validate_sft
 from nemo_ft.stages import lifecycle
-from nemo_ft.stages.metrics import read_metrics
+from nemo_ft.stages._metrics import read_metrics
 
 NEMO_INPUTS = ("model.restore_from_path", "model.peft.restore_from_path")
 

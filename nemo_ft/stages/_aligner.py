@@ -232,7 +232,7 @@ def plot_panels(metrics: Path, out: Path, title: str, panels: list) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from nemo_ft.stages.metrics import read_metrics
+    from nemo_ft.stages._metrics import read_metrics
 
     train, val = read_metrics(metrics)
     cols = 2
