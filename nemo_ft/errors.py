@@ -5,6 +5,8 @@ Plain Python (no omegaconf, no torch), so the pure core (data, plan, export, eva
 - InputError: an input file that cannot be used (bad row format, wrong tokenizer, unsafe .nemo,
   tampered manifest); names the file, and the line and key where there is one. Exit 2.
 - GateFailure: eval's gates failed; the adapter must not ship. Exit 3.
+- Preempted: SIGUSR1/SIGTERM reached a training stage, which checkpointed at the step boundary and
+  stopped; rerun the same command (slurm/_launch.sh requeues the job) to resume. Exit 75 (EX_TEMPFAIL).
 A stage prints every such error at once, one line each, and no traceback.
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Optional
 
 EXIT_CONFIG = 2  # config and input errors: nothing was started
 EXIT_GATES = 3   # eval: one or more gates failed
+EXIT_PREEMPTED = 75  # checkpointed on a signal, resume by rerunning (slurm/_launch.sh: NEMO_FT_REQUEUE_EXIT)
 
 
 class NemoFtError(Exception):
@@ -50,3 +53,14 @@ class GateFailure(NemoFtError):
     def __init__(self, failed: list[str]):
         self.failed = list(failed)
         super().__init__(f"{len(self.failed)} gate(s) failed: " + "; ".join(self.failed))
+
+
+class Preempted(NemoFtError):
+    """A signal stopped training at a step boundary after a checkpoint (exit 75: requeue and rerun)."""
+
+    exit_code = EXIT_PREEMPTED
+
+    def __init__(self, signal_name: str, step: int, checkpoints: str):
+        self.signal_name, self.step = signal_name, step
+        super().__init__(f"stopped by {signal_name} after step {step}; checkpoint in {checkpoints}: rerun the same "
+                         f"command to resume (exit {EXIT_PREEMPTED}: slurm/_launch.sh requeues the job)")

@@ -16,7 +16,7 @@ import functools
 import sys
 from typing import Callable, Iterable
 
-from nemo_ft.errors import ConfigError, GateFailure, InputError, NemoFtError
+from nemo_ft.errors import ConfigError, GateFailure, InputError, NemoFtError, Preempted
 from nemo_ft.paths import CONF_DIR
 
 
@@ -156,8 +156,8 @@ def stage_main(stage: str, config_name: str) -> Callable:
                     return fn(cfg)
                 except StageErrors as err:
                     fail(stage, err.errors, err.started)
-                except GateFailure as err:
-                    print(f"nemo-ft {stage}: {err}", file=sys.stderr)
+                except (GateFailure, Preempted) as err:
+                    print(f"nemo-ft {stage}: {err}", file=sys.stderr, flush=True)
                     sys.exit(err.exit_code)
                 except ConfigError as err:  # config is checked before work: nothing was started
                     fail(stage, [err])

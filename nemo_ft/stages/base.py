@@ -87,6 +87,7 @@ def run(cfg: DictConfig) -> Path:
 
     model = run.build(MegatronGPTSFTModel, run.nemo_cfg(keep_arch=True))
     run.trainer.fit(model)
+    run.check_preempted()
     out, _ = run.save_nemo(model, cfg.run.out)
     if run.rank0:
         train, val = read_metrics(run.metrics)

@@ -56,6 +56,60 @@ class StopAfter(Callback):
             trainer.should_stop = True
 
 
+class Preemption(Callback):
+    """SIGUSR1 (SLURM's `--signal=B:USR1@T`, passed on by slurm/_launch.sh) or SIGTERM (scancel,
+    preemption) during training: finish the current step, stop, and let NeMo's checkpoint callback write
+    its -last checkpoint at train end (it does when the step is not a validation step; a validation
+    step has just saved one). The stage then raises Preempted (exit 75) instead of saving a result.
+
+    The handlers only set a flag. Every rank must stop at the same step or the others would hang in the
+    next collective: the flag is all-reduced (max) once per step, so a signal to one rank stops all.
+    Installed at train start, after Lightning's own SIGTERM handler (which would exit at the next step
+    without a checkpoint; Lightning's SLURM auto-requeue is off, see lifecycle.build_trainer)."""
+
+    SIGNALS = ("SIGUSR1", "SIGTERM")
+
+    def __init__(self):
+        self.received: Optional[str] = None  # set by the handler (this rank)
+        self.stopped_by: Optional[str] = None  # agreed by all ranks, set when training was stopped
+        self.step: Optional[int] = None
+        self._old = {}
+
+    def _handler(self, signum, frame):
+        import signal
+        self.received = self.received or signal.Signals(signum).name
+
+    def on_train_start(self, trainer, pl_module):
+        import signal
+        for name in self.SIGNALS:
+            sig = getattr(signal, name)
+            self._old[sig] = signal.signal(sig, self._handler)
+
+    def _agreed(self) -> Optional[str]:
+        import torch
+        import torch.distributed as dist
+
+        code = self.SIGNALS.index(self.received) + 1 if self.received else 0
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            t = torch.tensor([code], dtype=torch.int32, device=device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            code = int(t.item())
+        return self.SIGNALS[code - 1] if code else None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        agreed = self._agreed()
+        if agreed and not self.stopped_by:
+            self.stopped_by, self.step = agreed, int(trainer.global_step)
+            trainer.should_stop = True
+
+    def teardown(self, trainer, pl_module, stage):
+        import signal
+        for sig, old in self._old.items():  # after NeMo's -last checkpoint (on_train_end) was written
+            signal.signal(sig, old)
+        self._old = {}
+
+
 class MemoryProbe(Callback):
     """Measures the bytes the planner predicts: trainable params, their gradients, optimizer state."""
 

@@ -115,6 +115,14 @@ class StageRun:
     notes: list = field(default_factory=list)
     planned: Optional[dict] = None  # the planner's bytes (plan=True) ...
     probe: object = None            # ... and a MemoryProbe measuring the same on this rank
+    preemption: object = None       # callbacks.Preemption: SIGUSR1/SIGTERM stop Lightning's fit at a step
+
+    def check_preempted(self) -> None:
+        """After trainer.fit: a signal stopped it (checkpoint written): Preempted, exit 75, no result saved."""
+        if self.preemption is not None and self.preemption.stopped_by:
+            from nemo_ft.errors import Preempted
+            self.trainer.strategy.barrier()  # every rank's part of the -last checkpoint is written
+            raise Preempted(self.preemption.stopped_by, self.preemption.step, str(self.dir / "nemo"))
 
     @property
     def rank0(self) -> bool:
@@ -300,9 +308,10 @@ def start(stage: str, cfg: DictConfig, *, checks: Callable[..., list],
     from nemo_ft.stages import callbacks
 
     probe = callbacks.MemoryProbe() if plan else None
-    trainer = build_trainer(cfg, run_dir, [probe] if probe else [])
+    preemption = callbacks.Preemption()
+    trainer = build_trainer(cfg, run_dir, [preemption] + ([probe] if probe else []))
     return StageRun(stage=stage, cfg=cfg, dir=run_dir, rt=rt, trainer=trainer, resuming=resuming, notes=notes,
-                    planned=planned, probe=probe)
+                    planned=planned, probe=probe, preemption=preemption)
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=()):
@@ -319,6 +328,11 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks=()):
     if cfg.run.get("stop_after_steps"):
         cbs.append(callbacks.StopAfter(int(cfg.run.stop_after_steps)))
     trainer = MegatronLMPPTrainerBuilder(nemo).create_trainer(callbacks=cbs)
+    env = getattr(trainer.strategy, "cluster_environment", None)
+    if hasattr(env, "auto_requeue"):
+        # Lightning's SLURM auto-requeue would answer SIGUSR1 with its own checkpoint and `scontrol requeue`
+        # from inside every task; callbacks.Preemption checkpoints instead and slurm/_launch.sh requeues.
+        env.auto_requeue = False
     exp_manager(trainer, nemo.exp_manager)
     return trainer
 

@@ -57,6 +57,7 @@ def run(cfg: DictConfig) -> dict:
 
     before = lifecycle.param_digests(model)
     run.trainer.fit(model)
+    run.check_preempted()
     after = lifecycle.param_digests(model)
     tp, pp, scheme = run.rt.tp, run.rt.pp, cfg.model.peft.peft_scheme
     adapter, saved = run.save_nemo(model, run.dir / f"{cfg.run.adapter_name}.nemo",

@@ -143,3 +143,50 @@ def test_pp2_matches_tp1_and_saves_both_stages(sft_tp1, tmp_path):
     shards = adapter_tensors(tmp_path / "adapter.nemo")
     assert sorted(shards) == ["tp_rank_00_pp_rank_000/model_weights.ckpt", "tp_rank_00_pp_rank_001/model_weights.ckpt"]
     assert all(len(sd) == 2 for sd in shards.values())  # one layer's linear_in + linear_out per stage
+
+
+@pytest.mark.parametrize("sig", ["SIGUSR1", "SIGTERM"])
+def test_signal_checkpoints_at_the_step_and_the_rerun_continues_the_curve(sft_tp1, tmp_path, sig):
+    """What SLURM sends before the time limit (--signal=B:USR1@T, passed on by slurm/_launch.sh) or on
+    preemption (SIGTERM) reaches a running CPU job: it finishes the step, writes NeMo's -last checkpoint,
+    saves no adapter and exits 75; the same command again ends on the uninterrupted run's curve."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO, stage_env
+
+    cmd = [sys.executable, "-m", "nemo_ft.stages.sft", f"run.dir={tmp_path}", *SFT_FAST]
+    log = tmp_path.parent / f"{sig}.log"
+    with open(log, "w") as f:  # a file, not a pipe: a pipe nobody reads fills up and blocks the stage
+        proc = subprocess.Popen(cmd, cwd=REPO, env=stage_env(), stdout=f, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            steps = read_metrics(tmp_path)[0] if (tmp_path / "metrics.jsonl").exists() else []
+            if steps and steps[-1]["step"] >= 25:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, log.read_text()[-3000:]
+        proc.send_signal(getattr(signal, sig))
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = log.read_text()
+    assert proc.returncode == 75, err[-3000:]
+    stopped = int(err.split(f"stopped by {sig} after step ")[1].split(";")[0])
+    assert 25 <= stopped < 60 and "rerun the same command to resume" in err
+    train, _ = read_metrics(tmp_path)
+    assert train[-1]["step"] == stopped  # it stopped at the step boundary it names
+    assert not (tmp_path / "adapter.nemo").exists() and not (tmp_path / "manifest.json").exists()
+    assert [p for p in (tmp_path / "nemo").rglob("*-last*")], "no -last checkpoint to resume from"
+
+    run_stage("sft", f"run.dir={tmp_path}", *SFT_FAST)
+    t_ref, v_ref = read_metrics(sft_tp1)
+    t_res, v_res = read_metrics(tmp_path)
+    assert [r["step"] for r in t_res] == list(range(1, 61))
+    for a, b in zip(t_ref, t_res):
+        assert b["reduced_train_loss"] == pytest.approx(a["reduced_train_loss"], rel=1e-6, abs=1e-7), a["step"]
+    assert v_res[-1]["val_loss"] == pytest.approx(v_ref[-1]["val_loss"], abs=1e-6)
