@@ -169,6 +169,7 @@ def check_data(cfg) -> Iterable[ConfigError]:
         for f in files:
             if not Path(f).exists():
                 yield ConfigError(key, f"file not found: {f}")
+    yield from _check_data_sizes(cfg, packed)
     probs = OmegaConf.select(cfg, "model.data.train_ds.concat_sampling_probabilities", default=None)
     train_files = [] if OmegaConf.is_missing(cfg, "model.data.train_ds.file_names") else \
         _files(OmegaConf.select(cfg, "model.data.train_ds.file_names", default=None))
@@ -191,6 +192,42 @@ def check_data(cfg) -> Iterable[ConfigError]:
     if seq is not None and max_pos is not None and seq > max_pos:
         yield ConfigError("model.data.train_ds.max_seq_length",
                           f"{seq} exceeds the model's max_position_embeddings={max_pos}")
+
+
+def _rows(files) -> int:
+    n = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            n += sum(1 for line in fh if line.strip())
+    return n
+
+
+def _check_data_sizes(cfg, packed: bool) -> Iterable[ConfigError]:
+    """NeMo's SFT sampler repeats a train set smaller than one global batch without a word (one row
+    trains "2 steps, 16 samples"), and a validation set smaller than one micro batch per data-parallel
+    rank gives no validation batch (drop_last). Refused unless run.allow_repeat=true."""
+    if packed or OmegaConf.select(cfg, "run.allow_repeat", default=False):
+        return
+    world = world_size(cfg)
+    tp, pp = _int(cfg, "model.tensor_model_parallel_size", 1), _int(cfg, "model.pipeline_model_parallel_size", 1)
+    dp = max(1, world // (tp * pp)) if world else 1
+    mbs = _int(cfg, "model.micro_batch_size", 1)
+    gbs = _int(cfg, "model.global_batch_size", mbs)
+    for split, need, what in (("train_ds", gbs, f"one global batch (model.global_batch_size={gbs})"),
+                              ("validation_ds", mbs * dp, f"one micro batch per data-parallel rank "
+                                                          f"(model.micro_batch_size x DP = {mbs} x {dp})")):
+        key = f"model.data.{split}.file_names"
+        if OmegaConf.is_missing(cfg, key):
+            continue
+        files = _files(OmegaConf.select(cfg, key, default=None))
+        if not files or not all(Path(f).exists() for f in files):
+            continue
+        n = _rows(files)
+        if n < need:
+            yield ConfigError(key, f"{n} row(s), fewer than {what}: NeMo would "
+                                   + ("repeat them to fill every batch" if split == "train_ds" else
+                                      "run no validation batch") + "; add rows, lower the batch size, or set "
+                                   "run.allow_repeat=true")
 
 
 def check_prep_provenance(cfg) -> Iterable[ConfigError | InputError]:
@@ -324,12 +361,40 @@ def fill_defaults(cfg: DictConfig) -> list[str]:
     return notes
 
 
+def check_adapter_layout(cfg, key: str = "model.peft.restore_from_path") -> Iterable[ConfigError | InputError]:
+    """A PEFT .nemo holds one weights file per TP/PP rank; NeMo's load_adapters reads the file of this
+    rank's (tp, pp) coordinates without resharding: at another layout it fails on shapes or (a TP=1
+    adapter at TP=2, every rank reading the one file) loads what does not belong to it (NeMo #8642,
+    #10280). Refused here, with the layout the adapter has and how to convert it."""
+    path = OmegaConf.select(cfg, key, default=None)
+    if not path or not Path(str(path)).exists():
+        return
+    with NemoArchive(path, key=key) as archive:
+        try:
+            layout = archive.layout()
+        except InputError as err:
+            yield err
+            return
+    tp = _int(cfg, "model.tensor_model_parallel_size", 1)
+    pp = _int(cfg, "model.pipeline_model_parallel_size", 1)
+    if layout.kind != "distributed" and (layout.tp, layout.pp) != (tp, pp):  # distributed ones reshard on load
+        how = (f"`nemo-ft export adapter={path} base=<its base .nemo> out_dir=DIR` writes DIR/adapter_tp1.nemo, "
+               "the same adapter at TP=1 PP=1" if (tp, pp) == (1, 1) else
+               f"run at TP={layout.tp} PP={layout.pp} (parallel=...), or train from it at TP=1 PP=1 "
+               "(`nemo-ft export` writes adapter_tp1.nemo)")
+        yield ConfigError(key, f"{Path(str(path)).name} was saved at TP={layout.tp} PP={layout.pp}; this run is TP={tp} "
+                               f"PP={pp}, and NeMo loads adapters only at the layout they were saved with (no "
+                               f"reshard): {how}")
+
+
 def validate_sft(cfg: DictConfig, skip=frozenset()) -> list[ConfigError | InputError]:
     """Every SFT check; `skip` = keys whose .nemo already failed its safety check (not read again)."""
     errors: list = []
     checks = [check_parallel, check_peft, check_stack, check_data, check_prep_provenance]
     if "model.restore_from_path" not in skip:
         checks.insert(0, check_restore)
+    if "model.peft.restore_from_path" not in skip:
+        checks.append(check_adapter_layout)
     for check in checks:
         errors.extend(check(cfg))
     return errors

@@ -211,6 +211,28 @@ class StageRun:
         return summary
 
 
+# In run.dir (not in nemo/, which NeMo's exp_manager moves into nemo/run_N/ on a fresh start): the TP/PP
+# the run's checkpoints are written at.
+LAYOUT_STAMP = "layout.json"
+
+
+def check_resume_layout(run_dir: Path, layout: dict) -> None:
+    """Lightning checkpoints hold optimizer state sharded for the TP/PP that wrote them: resuming them at
+    another layout is refused before anything starts (StageErrors, exit 2): at TP=2, a TP=1 run's checkpoint
+    hung NeMo's restore for over 5 minutes here."""
+    stamp = run_dir / LAYOUT_STAMP
+    if not stamp.exists():
+        return
+    have = json.loads(stamp.read_text())
+    if {k: have.get(k, 1) for k in layout} != layout:
+        h, w = (f"TP={d['tensor_model_parallel_size']} PP={d['pipeline_model_parallel_size']}" for d in (have, layout))
+        raise StageErrors([ConfigError("model.tensor_model_parallel_size",
+                                       f"{run_dir / 'nemo' / 'checkpoints'} holds checkpoints written at {h}; this run "
+                                       f"asks {w}: resuming optimizer state across layouts is refused. Rerun at {h}, "
+                                       "or start a new run.dir from the adapter (`nemo-ft export` writes "
+                                       "adapter_tp1.nemo; model.peft.restore_from_path=...)")])
+
+
 def _has_checkpoint(run_dir: Path) -> bool:
     # PEFT checkpoints are .ckpt files; full fine-tuning's distributed checkpoints are directories.
     ckpt = run_dir / "nemo" / "checkpoints"
@@ -294,7 +316,14 @@ def start(stage: str, cfg: DictConfig, *, checks: Callable[..., list],
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics = run_dir / cfg.run.metrics_file
     resuming = bool(cfg.exp_manager.resume_if_exists) and _has_checkpoint(run_dir)
+    layout = {"tensor_model_parallel_size": int(OmegaConf.select(cfg, "model.tensor_model_parallel_size") or 1),
+              "pipeline_model_parallel_size": int(OmegaConf.select(cfg, "model.pipeline_model_parallel_size") or 1)}
+    if resuming:
+        check_resume_layout(run_dir, layout)
     if is_rank_zero():
+        if not resuming and cfg.exp_manager.get("create_checkpoint_callback"):
+            with artifacts.atomic_write(run_dir / LAYOUT_STAMP) as f:
+                f.write(json.dumps(layout) + "\n")
         (run_dir / artifacts.MANIFEST).unlink(missing_ok=True)
         if resuming:
             trim_metrics_to_checkpoint(metrics, run_dir / "nemo" / "checkpoints")

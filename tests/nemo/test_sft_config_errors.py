@@ -140,3 +140,26 @@ def test_data_longer_than_max_seq_length_is_refused(prepped, tmp_path):
                      "model.data.train_ds.max_seq_length=16", check=False, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "model.data.train_ds.max_seq_length: " in proc.stderr and "would cut them silently" in proc.stderr
+
+
+def test_data_smaller_than_one_batch_is_refused_unless_repeat_is_allowed(tmp_path):
+    """NeMo's sampler repeats a train set smaller than the global batch without a word; validation with
+    fewer rows than a micro batch runs no batch. Both are refused before any model is built."""
+    import json
+
+    row = json.dumps({"input": "Town: Oslo. Name: Peru.\nTown?", "output": " Oslo."}) + "\n"
+    small = tmp_path / "one.jsonl"
+    small.write_text(row * 3)
+    proc = run_stage("sft", f"run.dir={tmp_path / 'run'}", f"model.data.train_ds.file_names=[{small}]",
+                     f"model.data.validation_ds.file_names=[{small}]", "model.micro_batch_size=4",
+                     check=False, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "model.data.train_ds.file_names: 3 row(s), fewer than one global batch (model.global_batch_size=8)" \
+        in proc.stderr and "run.allow_repeat=true" in proc.stderr, proc.stderr
+    assert "model.data.validation_ds.file_names: 3 row(s), fewer than one micro batch per data-parallel rank " \
+           "(model.micro_batch_size x DP = 4 x 1)" in proc.stderr, proc.stderr
+    assert not (tmp_path / "run" / "nemo").exists()
+    ok = run_stage("sft", f"run.dir={tmp_path / 'run'}", f"model.data.train_ds.file_names=[{small}]",
+                   f"model.data.validation_ds.file_names=[{small}]", "run.allow_repeat=true", "run.validate_only=true",
+                   "trainer.enable_progress_bar=false", check=False, timeout=300)
+    assert ok.returncode == 0 and "validation loss of base" in ok.stdout, ok.stderr[-2000:]
