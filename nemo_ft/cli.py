@@ -13,6 +13,8 @@ STAGES = {
     "rm": "a binary-ranking reward model through NeMo-Aligner (full-parameter)",
     "reinforce": "REINFORCE (RLOO) with a LoRA policy through NeMo-Aligner, its reward server started on 127.0.0.1",
     "reward_server": "a reward (a nemo-ft rm model, or a rule against references) over PyTriton for RLHF actors",
+    "ppo": "PPO with a LoRA policy through NeMo-Aligner, its critic + reward model server started on 127.0.0.1",
+    "critic_server": "NeMo-Aligner's PPO critic (and reward model) over PyTriton, trained by the PPO actor's calls",
     "eval": "base vs adapter(s) on held-out rows: loss, generation metrics, forgetting, gates (exit 3 on a fail)",
     "serve": "an export behind vLLM (OpenAI API) or Triton (NeMo in-framework) on 127.0.0.1: base + adapters",
 }

@@ -66,6 +66,12 @@ $PY -m nemo_ft.stages.reinforce from_run="$OUT/sft" data_dir="$OUT/prep_rlhf" ru
 $PY -m nemo_ft.stages.export from_run="$OUT/reinforce" out_dir="$OUT/export_reinforce" \
   2>&1 | grep -E '^\[nemo-ft export\] exported|error|Error' || { echo "export of the REINFORCE adapter failed"; exit 1; }
 
+say "ppo: PPO from the SFT adapter, its critic initialized from (and serving) the reward model -> $OUT/ppo"
+# The stage starts `nemo-ft critic_server` (Aligner's combined critic + reward model server) itself.
+$PY -m nemo_ft.stages.ppo from_run="$OUT/sft" data_dir="$OUT/prep_rlhf" run.dir="$OUT/ppo" reward.from_run="$OUT/rm" \
+  trainer.ppo.max_steps=10 trainer.ppo.val_check_interval=5 \
+  2>&1 | grep -E '^\[nemo-ft|^nemo-ft|error|Error' || { echo "ppo failed"; exit 1; }
+
 say "import: the exported hf_base/ back into a .nemo (what a team starting from HF weights runs) -> $OUT/import"
 $PY -m nemo_ft.stages.import_hf hf="$OUT/export/hf_base" out="$OUT/import/base.nemo" run.dir="$OUT/import" profile=tiny \
   2>&1 | grep -E '^\[nemo-ft|error|Error' || { echo "import failed"; exit 1; }
@@ -78,4 +84,5 @@ echo "  eval:           $OUT/eval/report.md  ($OUT/eval/metrics.png: the verdict
 echo "  dpo:            $OUT/dpo/dpo.png (loss, rewards, margin, accuracy); $OUT/eval_dpo/report.md"
 echo "  reward model:   $OUT/rm/rm.nemo ($OUT/rm/rm.png)"
 echo "  reinforce:      $OUT/reinforce/reinforce.png (reward, KL, ended, length); rollouts.jsonl; $OUT/export_reinforce"
+echo "  ppo:            $OUT/ppo/ppo.png; the critic's own log and metrics: $OUT/ppo/critic_server/"
 echo "  manifests:      $OUT/*/manifest.json"

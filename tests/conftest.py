@@ -93,6 +93,32 @@ def prep(tmp_path, inputs, **over):
     return run_prep(PrepConfig.from_dict(c), resolved_config=c)
 
 
+def assert_refused(proc, *words, torchrun=False):
+    """A stage refused before anything started: exit 2, one message per problem naming each of `words`,
+    no traceback. Under torchrun the launcher exits 1 and adds its own traceback (ChildFailedError)."""
+    assert proc.returncode in ((1, 2) if torchrun else (2,)), proc.stdout[-2000:] + proc.stderr[-3000:]
+    stage_part = proc.stderr.split("torch/distributed/elastic")[0] if torchrun else proc.stderr
+    assert "Traceback" not in stage_part and "nothing was started" in proc.stderr, proc.stderr[-3000:]
+    for w in words:
+        assert w in proc.stderr, proc.stderr
+
+
+def leftovers(tag) -> list[str]:
+    """Processes whose command line names `tag` (a test's directory: a stage, its servers, Triton)."""
+    import subprocess
+
+    out = subprocess.run(["pgrep", "-af", str(tag)], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "pgrep" not in line]
+
+
+PREF_INPUTS = (f"inputs=[{{path: {SAMPLE}/lookup_pref_train.jsonl, split: train}}, "
+               f"{{path: {SAMPLE}/lookup_pref_validation.jsonl, split: validation}}, "
+               f"{{path: {SAMPLE}/lookup_pref_test.jsonl, split: test}}]")
+LOOKUP_SPLITS = (f"inputs=[{{path: {SAMPLE}/lookup_train.jsonl, split: train}}, "
+                 f"{{path: {SAMPLE}/lookup_validation.jsonl, split: validation}}, "
+                 f"{{path: {SAMPLE}/lookup_test.jsonl, split: test}}]")
+
+
 def read_jsonl(path):
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f]

@@ -646,7 +646,27 @@ RLHF_FIXES = [
           "the actor's clients wait 6000 s for a server and 600000 s for an answer (Aligner #58)", _client_timeouts),
 ]
 
+def _unpinned_state_copy(original):
+    # copy_model_states_to_cpu allocates its CPU copies with pin_memory=True, which raises without an
+    # accelerator ("no pinned memory allocator"). It only allocates the names missing from cpu_dict: the
+    # missing ones are given here, unpinned, and Aligner's own function does the copy.
+    def copy_model_states_to_cpu(model, cpu_dict=None, *args, **kwargs):
+        import torch
+
+        cpu_dict = {} if cpu_dict is None else cpu_dict
+        for name, item in model.state_dict().items():
+            if isinstance(item, torch.Tensor) and name not in cpu_dict:
+                cpu_dict[name] = torch.empty(item.size(), dtype=item.dtype, layout=item.layout, device="cpu")
+        return original(model, cpu_dict, *args, **kwargs)
+    return copy_model_states_to_cpu
+
+
 RLHF_CPU_PATCHES = [
+    Patch("nemo_aligner.utils.utils:copy_model_states_to_cpu",
+          "pin_memory=True raises without an accelerator (PPO critic init, the combined critic/RM swap)",
+          _unpinned_state_copy),
+    Patch("nemo_aligner.models.nlp.gpt.megatron_gpt_critic:copy_model_states_to_cpu",
+          "the critic module imports the name before it could be patched", _unpinned_state_copy),
     Patch("nemo_aligner.utils.distributed:rebalance_nd_tensor",
           "all-gathers a 0-d count, which gloo refuses (rollout batches are rebalanced over DP)",
           _rebalance_with_1d_count),

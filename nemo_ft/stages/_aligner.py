@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from omegaconf import OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from nemo_ft import artifacts
 from nemo_ft.errors import ConfigError, InputError
@@ -187,12 +187,56 @@ class Loop:
     state: Optional[dict]  # the trainer state of a resumed run
 
 
+def preemptible_timer(cfg: DictConfig):
+    """Aligner's run Timer (exp_manager.max_time_per_run), which also runs out when SIGUSR1 arrives (what
+    slurm/_launch.sh passes on from `#SBATCH --signal=B:USR1@T`): Aligner's loops then do what they do at
+    their time limit, save a checkpoint at the step boundary and stop; the stage raises Preempted (exit 75)
+    and slurm/_launch.sh requeues the job. Only rank 0's timer counts (Aligner broadcasts it), so every
+    rank stops at the same step. The handler only sets a flag."""
+    import signal
+
+    from nemo_aligner.utils.distributed import Timer
+
+    class PreemptibleTimer(Timer):
+        received: Optional[str] = None
+
+        def start_time(self):
+            def on_signal(signum, frame):
+                self.received = signal.Signals(signum).name
+            signal.signal(signal.SIGUSR1, on_signal)
+            super().start_time()
+
+        def get_time_remaining(self):
+            return -1.0 if self.received else super().get_time_remaining()
+
+    return PreemptibleTimer(cfg.exp_manager.get("max_time_per_run"))
+
+
+def check_preempted(run, timer, step: int) -> None:
+    """After an Aligner loop returned: stopped by SIGUSR1 (preemptible_timer)? Then Preempted, exit 75."""
+    if getattr(timer, "received", None):
+        import torch.distributed as dist
+
+        from nemo_ft.errors import Preempted
+        if dist.is_initialized():
+            dist.barrier()  # every rank's part of the checkpoint is written
+        raise Preempted(timer.received, int(step), str(run.dir / "nemo" / "checkpoints"))
+
+
+def dataset_cfg(model, cfg: DictConfig, run_dir: Path) -> DictConfig:
+    """The restored model's config with this run's data files, and Aligner's index files in run.dir."""
+    data_cfg = model.cfg.copy()
+    with open_dict(data_cfg):
+        data_cfg.data.data_prefix = OmegaConf.to_container(cfg.model.data.data_prefix)
+        data_cfg.data.index_mapping_dir = str(run_dir / "data_index")
+    return data_cfg
+
+
 def setup_loop(run, model, build_datasets, train_random: bool = True, val_random: bool = False,
                collate_fn=None) -> Loop:
     """init_distributed, datasets, Megatron samplers, init_using_ptl, optimizer/scheduler, loggers,
     the checkpoint callback and the resume state, in Aligner's order."""
     from nemo_aligner.data.nlp.builders import build_dataloader
-    from nemo_aligner.utils.distributed import Timer
     from nemo_aligner.utils.train_script_utils import (CustomLoggerWrapper, add_custom_checkpoint_callback,
                                                        extract_optimizer_scheduler_from_ptl_model, init_distributed,
                                                        init_using_ptl, retrieve_custom_trainer_state_dict)
@@ -202,10 +246,7 @@ def setup_loop(run, model, build_datasets, train_random: bool = True, val_random
     cfg = run.cfg
     init_distributed(run.trainer, model, cfg.model.get("transformer_engine", False))
     gbs, mbs = int(cfg.model.global_batch_size), int(cfg.model.micro_batch_size)
-    data_cfg = model.cfg.copy()
-    with open_dict(data_cfg):
-        data_cfg.data.data_prefix = OmegaConf.to_container(cfg.model.data.data_prefix)
-        data_cfg.data.index_mapping_dir = str(run.dir / "data_index")
+    data_cfg = dataset_cfg(model, cfg, run.dir)
     train_ds, val_ds, _ = build_datasets(
         cfg=data_cfg, data_prefix=data_cfg.data.data_prefix, data_impl="jsonl", splits_string=None,
         train_valid_test_num_samples=[-1 * gbs] * 3, seq_length=int(cfg.model.data.seq_length), seed=cfg.model.seed,
@@ -222,7 +263,7 @@ def setup_loop(run, model, build_datasets, train_random: bool = True, val_random
     return Loop(train_ds=train_ds, train_dl=train_dl, val_dl=val_dl, optimizer=optimizer, scheduler=scheduler,
                 logger=CustomLoggerWrapper(list(run.trainer.loggers) + [jsonl_logger(run.metrics, run.rank0)]),
                 ckpt_callback=add_custom_checkpoint_callback(run.trainer, model),
-                run_timer=Timer(cfg.exp_manager.get("max_time_per_run")), state=state)
+                run_timer=preemptible_timer(cfg), state=state)
 
 
 def plot_panels(metrics: Path, out: Path, title: str, panels: list) -> Path:

@@ -7,9 +7,21 @@ from pathlib import Path
 from nemo_ft.artifacts import atomic_write
 
 
+def metric_lines(path: Path) -> list[str]:
+    """The complete lines of a metrics.jsonl. It is appended to a line per step, so a process killed mid-write
+    (kill -9, OOM, node loss) can leave a torn last line: that one is dropped, any other bad line raises."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    if lines:
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            lines = lines[:-1]
+    return lines
+
+
 def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
     """(train rows, validation rows) of a metrics.jsonl."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in metric_lines(path)]
     return [r for r in rows if r["kind"] == "train"], [r for r in rows if r["kind"] == "validation"]
 
 

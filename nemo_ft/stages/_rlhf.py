@@ -38,11 +38,12 @@ def derive_reward(cfg: DictConfig) -> list[str]:
     return []
 
 
-def check_reward(cfg: DictConfig) -> list:
+def check_reward(cfg: DictConfig, need_model: bool = True) -> list:
+    """need_model=False: the reward model is served by a server started elsewhere (PPO, critic.remote)."""
     r, errors = cfg.reward, []
     if r.kind not in REWARD_KINDS:
         return [ConfigError("reward.kind", f"{r.kind!r}: expected one of {REWARD_KINDS}")]
-    if r.kind == "rm":
+    if r.kind == "rm" and need_model:
         if not r.model:
             errors.append(ConfigError("reward.model", "reward.kind=rm needs a reward model: reward.model=<rm.nemo> "
                                                       "or reward.from_run=<a nemo-ft rm run dir>"))
@@ -142,9 +143,24 @@ class RewardService:
     log: Optional[Path] = None
     timings: dict = field(default_factory=dict)
 
+    server_dir = "reward_server"  # below run.dir: the server's log and run dir
+
     @property
     def name(self) -> str:
         return f"reward server (reward.kind={self.cfg.reward.kind}, {self.ip}:{self.port})"
+
+    @property
+    def remote(self) -> bool:
+        return self.cfg.reward.kind == "remote"
+
+    def remote_address(self) -> tuple[str, int]:
+        return str(self.cfg.remote_rm.reward_model.ip), int(self.cfg.remote_rm.reward_model.port)
+
+    def argv(self, port: int, run_dir: Path) -> list[str]:
+        return reward_argv(self.cfg, port, run_dir)
+
+    def models(self) -> list[str]:
+        return [self.cfg.remote_rm.reward_model.name]
 
     def start(self) -> "RewardService":
         """Rank 0 picks the port and starts the server; every rank learns the address."""
@@ -155,8 +171,8 @@ class RewardService:
         from nemo_ft.runtime import servers
 
         r = self.cfg.reward
-        if r.kind == "remote":
-            self.ip, self.port = str(self.cfg.remote_rm.reward_model.ip), int(self.cfg.remote_rm.reward_model.port)
+        if self.remote:
+            self.ip, self.port = self.remote_address()
             return self
         port = [int(r.port or servers.free_port()) if self.rank0 else 0]
         if dist.is_initialized() and dist.get_world_size() > 1:
@@ -165,11 +181,11 @@ class RewardService:
         if self.rank0:
             if servers.port_in_use(self.port):
                 raise ServerError(f"{self.name}: port {self.port} is already in use on 127.0.0.1")
-            self.log = self.run_dir / "reward_server" / "server.log"
+            self.log = self.run_dir / self.server_dir / "server.log"
             self.log.parent.mkdir(parents=True, exist_ok=True)
             self.log.unlink(missing_ok=True)
             self.timings["started"] = time.monotonic()
-            self.server = servers.ChildServer.start("reward_server", reward_argv(self.cfg, self.port, self.log.parent),
+            self.server = servers.ChildServer.start(self.server_dir, self.argv(self.port, self.log.parent),
                                                     child_env(), self.log)
         return self
 
@@ -181,8 +197,8 @@ class RewardService:
 
         if not self.rank0:
             return 0.0
-        urls = servers.triton_ready_urls(self.port, [self.cfg.remote_rm.reward_model.name])
-        if self.cfg.reward.kind == "remote":
+        urls = servers.triton_ready_urls(self.port, self.models())
+        if self.remote:
             urls = [u.replace(f"{servers.LOOPBACK}:", f"{self.ip}:") for u in urls]
             died = (lambda: None)
         else:
@@ -220,3 +236,38 @@ class RewardService:
         rm = OmegaConf.create(OmegaConf.to_container(self.cfg.remote_rm, resolve=True))
         rm.reward_model.ip, rm.reward_model.port = self.ip, self.port
         return rm
+
+
+@dataclass
+class CriticService(RewardService):
+    """PPO's critic server (`nemo-ft critic_server`), which also serves the reward model's rewards when
+    combined (Aligner's default and the path this stage runs: trainer.ppo.combine_rm_and_critic_server)."""
+    server_dir = "critic_server"
+
+    @property
+    def name(self) -> str:
+        return f"critic server (critic + reward model, {self.ip}:{self.port})"
+
+    @property
+    def remote(self) -> bool:
+        return bool(self.cfg.critic.remote)
+
+    def remote_address(self) -> tuple[str, int]:
+        return str(self.cfg.remote_critic_rm.critic.ip), int(self.cfg.remote_critic_rm.critic.port)
+
+    def argv(self, port: int, run_dir: Path) -> list[str]:
+        c = self.cfg.critic
+        return [sys.executable, "-m", "nemo_ft.stages.critic_server", "host=127.0.0.1", f"trainer.ppo.port={port}",
+                f"pretrained_checkpoint.restore_from_path={self.cfg.reward.model}", f"run.dir={run_dir}",
+                f"trainer.accelerator={self.cfg.trainer.accelerator}", f"trainer.precision={self.cfg.trainer.precision}",
+                "trainer.devices=1", "trainer.num_nodes=1", f"model.global_batch_size={c.global_batch_size}",
+                f"model.optim.lr={c.lr}", f"model.seed={self.cfg.model.seed}", *c.overrides]
+
+    def models(self) -> list[str]:
+        return list(OmegaConf.to_container(self.cfg.remote_critic_rm.critic.name, resolve=True).values())
+
+    def client_cfg(self) -> DictConfig:
+        """Aligner's remote_critic_rm section, pointing at this server."""
+        rc = OmegaConf.create(OmegaConf.to_container(self.cfg.remote_critic_rm, resolve=True))
+        rc.critic.ip, rc.critic.port = self.ip, self.port
+        return rc

@@ -113,12 +113,11 @@ def run(cfg: DictConfig) -> dict:
     if loop.state is not None:
         trainer.load_state_dict(loop.state)
     trainer.fit()
+    aligner.check_preempted(run, loop.run_timer, trainer.step)
     after = lifecycle.param_digests(model)
 
     tp, pp = run.rt.tp, run.rt.pp
-    lora = cfg.model.peft.peft_scheme == "lora"
-    adapter, saved = run.save_nemo(model, run.dir / f"{cfg.run.adapter_name}.nemo",
-                                   check=(lambda p: lifecycle.check_adapter_file(p, tp, pp)) if lora else None)
+    adapter, saved = run.save_adapter(model)
     if not run.rank0:
         return {}
     train, val = read_metrics(run.metrics)

@@ -57,7 +57,7 @@ class Upstream:
 def follow(from_run) -> Upstream:
     """export -> (the sft/dpo/reinforce run that trained its adapter) -> the prep run of its training data."""
     up = Upstream()
-    m = artifacts.read_manifest(from_run, stage=("export", "sft", "dpo", "reinforce"), key="from_run")
+    m = artifacts.read_manifest(from_run, stage=("export", "sft", "dpo", "reinforce", "ppo"), key="from_run")
     if m.stage == "export":
         name = m.summary.get("adapter_name") or Path(from_run).name
         if m.records("adapter_tp1"):
@@ -73,7 +73,7 @@ def follow(from_run) -> Upstream:
     # a DPO run started from an SFT adapter wrote the SFT-merged base its adapter applies to (output "base")
     up.base = up.base or (str(m.output("base")) if m.records("base") else (m.input("base") or {}).get("path"))
     data_run = m  # whose training data holds the task's held-out split: a DPO run's SFT run
-    sft = (m.input("sft_adapter") or {}).get("path") if m.stage in ("dpo", "reinforce") else None
+    sft = (m.input("sft_adapter") or {}).get("path") if m.stage in ("dpo", "reinforce", "ppo") else None
     if sft and Path(sft).exists():
         data_run = artifacts.manifest_next_to(sft) or m
     for record in data_run.records("train", "inputs"):

@@ -44,7 +44,7 @@ def derive(cfg: DictConfig) -> list[str]:
     """Adapter, base and name from the upstream run's manifest; build in a temp dir next to out_dir."""
     notes = []
     if cfg.from_run:
-        m = artifacts.read_manifest(cfg.from_run, stage=("sft", "dpo", "reinforce"), key="from_run")
+        m = artifacts.read_manifest(cfg.from_run, stage=("sft", "dpo", "reinforce", "ppo"), key="from_run")
         if not cfg.adapter:
             cfg.adapter = str(m.output("adapter"))
         # A DPO run started from an SFT adapter trains on the SFT-merged base it wrote (output "base").

@@ -40,7 +40,7 @@ from nemo_ft import artifacts
 from nemo_ft.config.entry import StageErrors
 from nemo_ft.config.validate import ARCH_KEYS, PROFILE_ONLY_KEYS
 from nemo_ft.errors import ConfigError, InputError, NemoFtError
-from nemo_ft.stages._metrics import plot_losses
+from nemo_ft.stages._metrics import metric_lines, plot_losses
 
 # trainer.<algorithm> sections of NeMo-Aligner's configs (gpt_dpo.yaml, training_rm.yaml, ...).
 ALIGNER_TRAINER_KEYS = ("dpo", "rm", "ppo", "reinforce", "sft")
@@ -189,6 +189,14 @@ class StageRun:
             os.replace(tmp, out)
         return out, report
 
+    def save_adapter(self, model) -> tuple[Path, dict]:
+        """The trained PEFT weights as run.dir/<run.adapter_name>.nemo, checked (every rank's shard of this
+        TP/PP, no empty tensor) before it is put in place; full-parameter runs (peft_scheme none) unchecked."""
+        tp, pp = self.rt.tp, self.rt.pp
+        peft = self.cfg.model.peft.peft_scheme != "none"
+        return self.save_nemo(model, self.dir / f"{self.cfg.run.adapter_name}.nemo",
+                              check=(lambda p: check_adapter_file(p, tp, pp)) if peft else None)
+
     def finish(self, summary: dict, outputs: dict, inputs: Optional[dict] = None, plot_title: Optional[str] = None) -> dict:
         """Rank 0: the loss plot (if titled) and the manifest, last. `outputs`/`inputs` are {role: path}
         (a role may map to a list of paths). Returns the summary."""
@@ -248,7 +256,7 @@ def trim_metrics_to_checkpoint(metrics: Path, checkpoints: Path) -> None:
     if not found or not metrics.exists():
         return
     step = int(found.group(1))
-    rows = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    rows = [line for line in metric_lines(metrics) if json.loads(line)["step"] <= step]
     with artifacts.atomic_write(metrics) as f:
         f.write("".join(line + "\n" for line in rows))
 

@@ -108,6 +108,7 @@ def run(cfg: DictConfig) -> dict:
     if loop.state is not None:
         trainer.load_state_dict(loop.state)
     trainer.fit()
+    aligner.check_preempted(run, loop.run_timer, trainer.step)
     out, _ = run.save_nemo(model, run.dir / "rm.nemo")
     if not run.rank0:
         return {}

@@ -60,8 +60,7 @@ def run(cfg: DictConfig) -> dict:
     run.check_preempted()
     after = lifecycle.param_digests(model)
     tp, pp, scheme = run.rt.tp, run.rt.pp, cfg.model.peft.peft_scheme
-    adapter, saved = run.save_nemo(model, run.dir / f"{cfg.run.adapter_name}.nemo",
-                                   check=None if scheme == "none" else lambda p: lifecycle.check_adapter_file(p, tp, pp))
+    adapter, saved = run.save_adapter(model)
     if not run.rank0:
         return {}
     train, val = read_metrics(run.metrics)

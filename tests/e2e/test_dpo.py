@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from tests.conftest import LOOKUP_LORA, SAMPLE, read_metrics, run_stage
+from tests.conftest import LOOKUP_LORA, PREF_INPUTS, REPO, assert_refused, read_metrics, run_stage, stage_env
 
 pytestmark = pytest.mark.e2e
 
@@ -18,10 +18,7 @@ FAST = ("trainer.enable_progress_bar=false", "trainer.dpo.val_check_interval=10"
 @pytest.fixture(scope="module")
 def prefs(tmp_path_factory):
     out = tmp_path_factory.mktemp("prep_dpo")
-    run_stage("prep", "task=dpo", f"out_dir={out}", "progress=false", "seq_length=128",
-              f"inputs=[{{path: {SAMPLE}/lookup_pref_train.jsonl, split: train}}, "
-              f"{{path: {SAMPLE}/lookup_pref_validation.jsonl, split: validation}}, "
-              f"{{path: {SAMPLE}/lookup_pref_test.jsonl, split: test}}]")
+    run_stage("prep", "task=dpo", f"out_dir={out}", "progress=false", "seq_length=128", PREF_INPUTS)
     return out
 
 
@@ -89,27 +86,64 @@ def test_tp2_equals_tp1(prefs, tmp_path):
     assert t1[-1]["loss"] < t1[0]["loss"]
 
 
-def _refused(proc, *words):
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr and "nothing was started" in proc.stderr
-    for w in words:
-        assert w in proc.stderr, proc.stderr
 
 
 def test_aligners_failure_modes_are_refused_up_front(lookup_pipeline, prefs, tmp_path):
     def dpo(*args):
         return run_stage("dpo", f"data_dir={prefs}", f"run.dir={tmp_path / 'run'}", *args, check=False, timeout=120)
-    _refused(dpo("model.global_batch_size=512", "model.micro_batch_size=1"),
+    assert_refused(dpo("model.global_batch_size=512", "model.micro_batch_size=1"),
              "holds 240 pair(s), fewer than one batch (model.global_batch_size=512)",
              "holds 20 pair(s), fewer than one batch")
-    _refused(dpo("model.data.seq_length=12"), "pairs are longer than model.data.seq_length=12",
+    assert_refused(dpo("model.data.seq_length=12"), "pairs are longer than model.data.seq_length=12",
              "zero loss", "model.data.over_length=keep")
-    _refused(dpo("model.optim.name=distributed_fused_adam"), "model.optim.name: distributed_fused_adam")
-    _refused(dpo("trainer.dpo.val_check_interval=6", "trainer.dpo.save_interval=20"),
+    assert_refused(dpo("model.optim.name=distributed_fused_adam"), "model.optim.name: distributed_fused_adam")
+    assert_refused(dpo("trainer.dpo.val_check_interval=6", "trainer.dpo.save_interval=20"),
              "trainer.dpo.save_interval: 20 must be a multiple of val_check_interval=6")
     sft_data = lookup_pipeline / "prep" / "train.jsonl"
-    _refused(run_stage("dpo", f"model.data.data_prefix={{train: [{sft_data}], validation: [{sft_data}], "
+    assert_refused(run_stage("dpo", f"model.data.data_prefix={{train: [{sft_data}], validation: [{sft_data}], "
                               f"test: [{sft_data}]}}", f"run.dir={tmp_path / 'run'}", check=False, timeout=120),
              "rows lack ['prompt', 'chosen_response', 'rejected_response']", "task=dpo")
-    _refused(dpo("model.data.append_eod=true"), "was prepared with dpo.append_eod=False")
+    assert_refused(dpo("model.data.append_eod=true"), "was prepared with dpo.append_eod=False")
     assert not (tmp_path / "run" / "nemo").exists()
+
+
+def test_sigusr1_checkpoints_at_the_step_and_the_rerun_continues_the_curve(lookup_pipeline, prefs, dpo_run, tmp_path):
+    """SLURM's --signal=B:USR1@T (passed on by slurm/_launch.sh) reaches a running DPO job: Aligner's loop
+    saves at the step boundary as at its time limit, the stage exits 75 with no adapter, and the same
+    command again ends on the uninterrupted run's curve (dpo_run: the same config, never stopped)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [f"from_run={lookup_pipeline / 'sft'}", f"data_dir={prefs}", f"run.dir={tmp_path / 'run'}", *FAST,
+            "trainer.dpo.max_steps=20"]
+    log = tmp_path / "first.log"
+    with open(log, "w") as f:  # a file, not a pipe nobody reads
+        proc = subprocess.Popen([sys.executable, "-m", "nemo_ft.stages.dpo", *args], cwd=REPO, env=stage_env(),
+                                stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            metrics = tmp_path / "run" / "metrics.jsonl"
+            if metrics.exists() and any(r["step"] >= 3 for r in read_metrics(tmp_path / "run")[0]):
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, log.read_text()[-3000:]
+        proc.send_signal(signal.SIGUSR1)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = log.read_text()
+    assert proc.returncode == 75, out[-3000:]
+    stopped = int(out.split("stopped by SIGUSR1 after step ")[1].split(";")[0])
+    assert 3 <= stopped < 20 and not (tmp_path / "run" / "adapter.nemo").exists()
+    assert read_metrics(tmp_path / "run")[0][-1]["step"] <= stopped
+    run_stage("dpo", *args)
+    t_ref, v_ref = read_metrics(dpo_run)
+    t_res, v_res = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in t_res] == [r["step"] for r in t_ref]
+    for a, b in zip(t_ref, t_res):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5), (a["step"], a["loss"], b["loss"])
+    assert v_res[-1]["loss"] == pytest.approx(v_ref[-1]["loss"], abs=1e-5)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import REPO, SAMPLE, model_probe, read_jsonl, run_stage, tiny_token_ids
+from tests.conftest import REPO, SAMPLE, model_probe, read_jsonl, run_stage, tiny_token_ids, assert_refused
 
 pytestmark = pytest.mark.e2e
 
@@ -78,11 +78,6 @@ def test_cached_generation_equals_the_no_cache_loop_with_the_adapter_on(trained,
     assert all(g["ended_with_eos"] for g in cached["generations"]) and any(g["ids"] for g in cached["generations"])
 
 
-def _refused(proc, *words):
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr and "nothing was started" in proc.stderr
-    for w in words:
-        assert w in proc.stderr, proc.stderr
 
 
 def test_bad_inputs_are_exit_2_before_any_model_is_built(trained, tmp_path):
@@ -91,7 +86,7 @@ def test_bad_inputs_are_exit_2_before_any_model_is_built(trained, tmp_path):
     adapter = trained / "export" / "adapter_tp1.nemo"
     corrupt = tmp_path / "corrupt.nemo"
     corrupt.write_bytes(adapter.read_bytes()[:1000])
-    _refused(_eval(tmp_path / "a", f"from_run={trained / 'export'}", f"adapters=['c={corrupt}']", check=False),
+    assert_refused(_eval(tmp_path / "a", f"from_run={trained / 'export'}", f"adapters=['c={corrupt}']", check=False),
              str(corrupt), "adapters[c]")
     # a test split prepared with another tokenizer than the base's
     spm.SentencePieceTrainer.train(input=str(SAMPLE / "pretrain.txt"), model_prefix=str(tmp_path / "other"),
@@ -99,11 +94,11 @@ def test_bad_inputs_are_exit_2_before_any_model_is_built(trained, tmp_path):
     run_stage("prep", f"input={SAMPLE / 'lookup_train.jsonl'}", f"out_dir={tmp_path / 'other_prep'}",
               f"tokenizer.model={tmp_path / 'other.model'}", "split.train=0.8", "split.validation=0.1", "split.test=0.1",
               "progress=false", "template.prompt_template='{input}{output}'")
-    _refused(_eval(tmp_path / "b", f"from_run={trained / 'export'}", f"eval.test_file={tmp_path / 'other_prep/test.jsonl'}",
+    assert_refused(_eval(tmp_path / "b", f"from_run={trained / 'export'}", f"eval.test_file={tmp_path / 'other_prep/test.jsonl'}",
                    check=False), "prepared with another tokenizer")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    _refused(_eval(tmp_path / "c", f"from_run={trained / 'export'}", f"eval.test_file={empty}", check=False),
+    assert_refused(_eval(tmp_path / "c", f"from_run={trained / 'export'}", f"eval.test_file={empty}", check=False),
              f"{empty}: eval.test_file: is empty")
     for d in ("a", "b", "c"):
         assert not (tmp_path / d / "nemo").exists()  # no trainer, no model

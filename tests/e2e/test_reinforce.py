@@ -5,7 +5,6 @@ The reward that must be learned is one a tiny model can learn in a CI budget: ev
 same reference (" Paris."), scored by token F1 (reward.kind=rule). Learning it is the proof that rollouts,
 rewards, the RLOO advantage and the update agree in sign and reach the adapter."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,19 +12,13 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, SAMPLE, read_jsonl, read_metrics, run_stage, stage_env
+from tests.conftest import REPO, SAMPLE, read_jsonl, read_metrics, run_stage, stage_env, assert_refused, leftovers
 
 pytestmark = pytest.mark.e2e
 
 # Measured (rollout reward, mean of steps 1-5 -> 26-30): 0.024 -> 0.304; validation 0.125 -> 0.333.
 # At lr 2e-3 it rises too (0.035 -> 0.081 in 20 steps), too slowly to tell from noise in a CI budget.
 LEARN = ("model.optim.lr=3e-3", "trainer.reinforce.max_steps=30", "trainer.reinforce.val_check_interval=10")
-
-
-def _leftovers(tag) -> list[str]:
-    """Processes whose command line names this test's directory (the stage, its server, Triton)."""
-    out = subprocess.run(["pgrep", "-af", str(tag)], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if "pgrep" not in line]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +64,7 @@ def test_reinforce_learns_a_rule_reward_and_only_the_adapter_changes(learned):
     assert rollouts and {"step", "prompt", "response", "reward"} <= set(rollouts[0]), rollouts[:1]
     assert {"adapter", "base", "reinforce_png", "rollouts"} <= {r["role"] for r in m["outputs"]}
     assert "merged into" in proc.stdout and "server stopped" in proc.stdout
-    assert not _leftovers(run_dir)
+    assert not leftovers(run_dir)
 
 
 def test_reinforce_adapter_exports_through_the_export_stage(learned, tmp_path):
@@ -84,29 +77,24 @@ def test_reinforce_adapter_exports_through_the_export_stage(learned, tmp_path):
     assert cfg["r"] == 8 and sorted(cfg["target_modules"]) == ["k_proj", "q_proj", "v_proj"], cfg
 
 
-def _refused(proc, *words):
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr and "nothing was started" in proc.stderr
-    for w in words:
-        assert w in proc.stderr, proc.stderr
 
 
 def test_aligners_rlhf_failure_modes_are_refused_up_front(lookup_pipeline, paris, tmp_path):
     def rf(*args):
         return run_stage("reinforce", f"from_run={lookup_pipeline / 'sft'}", f"data_dir={paris}",
                          f"run.dir={tmp_path / 'run'}", *args, check=False, timeout=120)
-    _refused(rf("model.micro_batch_size=2"), "model.micro_batch_size: 2", "only broadcasts at 1")
-    _refused(rf("trainer.reinforce.initial_policy_kl_penalty=0"), "initial_policy_kl_penalty", "1e-6")
-    _refused(rf("trainer.reinforce.num_rollouts_per_prompt=1"), "RLOO")
-    _refused(rf("model.global_batch_size=24"), "not a multiple of model.global_batch_size=24")
-    _refused(rf("trainer.reinforce.trt_llm.enable=true"), "trainer.reinforce.trt_llm.enable", "TensorRT-LLM")
-    _refused(rf("model.reinforce.num_rollout_samples=512", "model.global_batch_size=32"),
+    assert_refused(rf("model.micro_batch_size=2"), "model.micro_batch_size: 2", "only broadcasts at 1")
+    assert_refused(rf("trainer.reinforce.initial_policy_kl_penalty=0"), "initial_policy_kl_penalty", "1e-6")
+    assert_refused(rf("trainer.reinforce.num_rollouts_per_prompt=1"), "RLOO")
+    assert_refused(rf("model.global_batch_size=24"), "not a multiple of model.global_batch_size=24")
+    assert_refused(rf("trainer.reinforce.trt_llm.enable=true"), "trainer.reinforce.trt_llm.enable", "TensorRT-LLM")
+    assert_refused(rf("model.reinforce.num_rollout_samples=512", "model.global_batch_size=32"),
              "fewer than one batch (model.reinforce.num_rollout_samples=512)")
-    _refused(rf("reward.kind=rm"), "reward.model", "reward.from_run")
-    _refused(rf("reward.kind=judge"), "reward.kind: 'judge'")
-    _refused(rf("model.reinforce.length_params.max_length=128"), "max_length")
+    assert_refused(rf("reward.kind=rm"), "reward.model", "reward.from_run")
+    assert_refused(rf("reward.kind=judge"), "reward.kind: 'judge'")
+    assert_refused(rf("model.reinforce.length_params.max_length=128"), "max_length")
     sft_rows = lookup_pipeline / "prep"  # SFT rows have no "reference" and no "text"
-    _refused(run_stage("reinforce", f"from_run={lookup_pipeline / 'sft'}", f"data_dir={sft_rows}",
+    assert_refused(run_stage("reinforce", f"from_run={lookup_pipeline / 'sft'}", f"data_dir={sft_rows}",
                        f"run.dir={tmp_path / 'run'}", check=False, timeout=120), "task=rlhf")
     assert not (tmp_path / "run" / "nemo").exists()
 
@@ -122,7 +110,7 @@ def test_a_reward_server_that_dies_fails_the_run_fast_with_its_log_and_nothing_l
     assert "server.log" in proc.stderr and "Traceback" not in proc.stderr.split("nemo-ft reinforce:")[-1][:200]
     assert time.monotonic() - t0 < 240
     assert not (tmp_path / "adapter.nemo").exists() and not (tmp_path / "manifest.json").exists()
-    assert not _leftovers(tmp_path)
+    assert not leftovers(tmp_path)
 
 
 def test_nobody_listening_at_a_remote_reward_is_a_bounded_clear_error(lookup_pipeline, paris, tmp_path):
@@ -133,33 +121,42 @@ def test_nobody_listening_at_a_remote_reward_is_a_bounded_clear_error(lookup_pip
                      check=False, timeout=300)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert f"reward server (reward.kind=remote, 127.0.0.1:{port})" in proc.stderr, proc.stderr[-2000:]
-    assert not _leftovers(tmp_path)
+    assert not leftovers(tmp_path)
 
 
-def test_sigterm_mid_run_stops_the_actor_and_its_server(lookup_pipeline, paris, tmp_path):
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_a_signal_mid_run_stops_the_actor_and_its_server(lookup_pipeline, paris, tmp_path, sig):
+    """SIGTERM (scancel): stop now, exit 143. SIGUSR1 (SLURM's warning before the time limit, passed on by
+    slurm/_launch.sh): Aligner's loop checkpoints at the step boundary, exit 75 for a requeue. Either way
+    the reward server is stopped and nothing is left running."""
     cmd = [sys.executable, "-m", "nemo_ft.stages.reinforce", f"from_run={lookup_pipeline / 'sft'}",
            f"data_dir={paris}", f"run.dir={tmp_path}", "reward.kind=rule", "trainer.reinforce.max_steps=200"]
-    out, err_file = open(tmp_path.parent / "sigterm.out", "w"), open(tmp_path.parent / "sigterm.err", "w+")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=stage_env(), stdout=out, stderr=err_file, text=True)  # files: a pipe
-    try:                                                                                     # nobody reads fills up
+    log = tmp_path.parent / f"{sig}.log"
+    with open(log, "w") as f:  # a file, not a pipe: a pipe nobody reads fills up and blocks the stage
+        proc = subprocess.Popen(cmd, cwd=REPO, env=stage_env(), stdout=f, stderr=subprocess.STDOUT, text=True)
+    try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
             if (tmp_path / "rollouts.jsonl").exists() and (tmp_path / "rollouts.jsonl").stat().st_size:
                 break  # rollouts are being scored: the server is up and training has begun
             time.sleep(1)
-        assert proc.poll() is None, open(err_file.name).read()[-3000:]
-        assert _leftovers(tmp_path / "reward_server")  # the server is running (its run.dir is below ours)
-        proc.send_signal(signal.SIGTERM)
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert leftovers(tmp_path / "reward_server")  # the server is running (its run.dir is below ours)
+        proc.send_signal(getattr(signal, sig))
         t0 = time.monotonic()
         proc.wait(timeout=120)
         took = time.monotonic() - t0
     finally:
         if proc.poll() is None:
             proc.kill()
-        out.close()
-        err_file.close()
-    err = open(err_file.name).read()
-    assert proc.returncode == 143, err[-3000:]
-    assert "stopped by SIGTERM; the reward server was stopped" in err
+    out = log.read_text()
+    if sig == "SIGTERM":
+        assert proc.returncode == 143, out[-3000:]
+        assert "stopped by SIGTERM; the reward server was stopped" in out
+    else:
+        assert proc.returncode == 75, out[-3000:]
+        assert "stopped by SIGUSR1 after step" in out and "rerun the same command to resume" in out
+        assert [p for p in (tmp_path / "nemo" / "checkpoints").rglob("*") if "step=" in p.name], "no checkpoint"
     assert took < 90, took
-    assert not _leftovers(tmp_path)
+    assert not (tmp_path / "adapter.nemo").exists()
+    assert not leftovers(tmp_path)

@@ -5,13 +5,10 @@ import json
 
 import pytest
 
-from tests.conftest import SAMPLE, model_probe, read_jsonl, read_metrics, run_stage
+from tests.conftest import PREF_INPUTS, model_probe, read_jsonl, read_metrics, run_stage, assert_refused
 
 pytestmark = pytest.mark.e2e
 
-PREF_INPUTS = (f"inputs=[{{path: {SAMPLE}/lookup_pref_train.jsonl, split: train}}, "
-               f"{{path: {SAMPLE}/lookup_pref_validation.jsonl, split: validation}}, "
-               f"{{path: {SAMPLE}/lookup_pref_test.jsonl, split: test}}]")
 
 
 @pytest.fixture(scope="module")
@@ -48,23 +45,18 @@ def test_saved_reward_model_restores_and_ranks_held_out_pairs(rm_run, pairs, tmp
     assert right >= 36, right  # of 40 held-out pairs (measured: 40)
 
 
-def _refused(proc, *words):
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr and "nothing was started" in proc.stderr
-    for w in words:
-        assert w in proc.stderr, proc.stderr
 
 
 def test_aligners_reward_model_edges_are_refused_up_front(pairs, tmp_path):
     def rm(*args, data=f"data_dir={pairs}"):
         return run_stage("rm", data, f"run.dir={tmp_path / 'run'}", *args, check=False, timeout=120)
-    _refused(rm("model.global_batch_size=256"), "holds 240 pair(s), fewer than one batch (model.global_batch_size=256)")
-    _refused(rm("model.micro_batch_size=2"), "model.micro_batch_size: > 1 fails", "Transformer Engine")
-    _refused(rm("model.data.seq_length=10"), "longer than model.data.seq_length=10", "skip each and the pair after it")
-    _refused(rm("trainer.rm.val_check_interval=7", "trainer.rm.save_interval=10"), "must be a multiple of")
+    assert_refused(rm("model.global_batch_size=256"), "holds 240 pair(s), fewer than one batch (model.global_batch_size=256)")
+    assert_refused(rm("model.micro_batch_size=2"), "model.micro_batch_size: > 1 fails", "Transformer Engine")
+    assert_refused(rm("model.data.seq_length=10"), "longer than model.data.seq_length=10", "skip each and the pair after it")
+    assert_refused(rm("trainer.rm.val_check_interval=7", "trainer.rm.save_interval=10"), "must be a multiple of")
     odd = tmp_path / "odd.jsonl"
     odd.write_text("".join(json.dumps(r) + "\n" for r in read_jsonl(pairs / "train.jsonl")[:9]))
-    _refused(rm("model.global_batch_size=4", data=f"model.data.data_prefix={{train: [{odd}], validation: "
+    assert_refused(rm("model.global_batch_size=4", data=f"model.data.data_prefix={{train: [{odd}], validation: "
                                                  f"[{pairs / 'validation.jsonl'}], test: [{odd}]}}"),
              "odd number of lines")
     assert not (tmp_path / "run" / "nemo").exists()

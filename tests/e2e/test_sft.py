@@ -5,7 +5,7 @@ import tarfile
 import pytest
 
 from nemo_ft.nemo_archive import adapter_tensors
-from tests.conftest import SFT_FAST, read_metrics, run_stage, tiny_lora_params
+from tests.conftest import SFT_FAST, assert_refused, read_metrics, run_stage, tiny_lora_params
 
 pytestmark = pytest.mark.e2e
 
@@ -192,23 +192,14 @@ def test_signal_checkpoints_at_the_step_and_the_rerun_continues_the_curve(sft_tp
     assert v_res[-1]["val_loss"] == pytest.approx(v_ref[-1]["val_loss"], abs=1e-6)
 
 
-def _refused_with(proc, *words, torchrun=False):
-    assert proc.returncode in ((1, 2) if torchrun else (2,)), proc.stdout[-2000:] + proc.stderr[-3000:]
-    # torchrun adds its own traceback (ChildFailedError) when a rank exits non-zero; the stage's is one line
-    stage_part = proc.stderr.split("torch/distributed/elastic")[0] if torchrun else proc.stderr
-    assert "Traceback" not in stage_part and "nothing was started" in proc.stderr
-    for w in words:
-        assert w in proc.stderr, proc.stderr
-
-
 def test_an_adapter_at_another_layout_is_refused_and_its_tp1_export_gives_the_same_loss(sft_tp1, sft_tp2, tmp_path):
     """NeMo loads PEFT weights per rank without resharding (#8642, #10280): a TP=2 adapter at TP=1, or a
     TP=1 adapter at TP=2, is refused before anything starts, naming both layouts and the conversion;
     the conversion (export's adapter_tp1.nemo) validates at TP=1 to the TP=2 run's own loss."""
-    _refused_with(run_stage("sft", f"run.dir={tmp_path / 'a'}", "run.validate_only=true",
+    assert_refused(run_stage("sft", f"run.dir={tmp_path / 'a'}", "run.validate_only=true",
                             f"model.peft.restore_from_path={sft_tp2 / 'adapter.nemo'}", check=False, timeout=300),
                   "adapter.nemo was saved at TP=2 PP=1; this run is TP=1 PP=1", "adapter_tp1.nemo")
-    _refused_with(run_stage("sft", f"run.dir={tmp_path / 'b'}", "run.validate_only=true", "parallel=cpu_tp2",
+    assert_refused(run_stage("sft", f"run.dir={tmp_path / 'b'}", "run.validate_only=true", "parallel=cpu_tp2",
                             f"model.peft.restore_from_path={sft_tp1 / 'adapter.nemo'}", nproc=2, check=False,
                             timeout=300),
                   "adapter.nemo was saved at TP=1 PP=1; this run is TP=2 PP=1", torchrun=True)
@@ -226,7 +217,7 @@ def test_resuming_checkpoints_at_another_layout_is_refused(sft_tp1, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(sft_tp1, run_dir)
     before = sorted(p.name for p in run_dir.rglob("*"))
-    _refused_with(run_stage("sft", f"run.dir={run_dir}", "parallel=cpu_tp2", *SFT_FAST, nproc=2, check=False,
+    assert_refused(run_stage("sft", f"run.dir={run_dir}", "parallel=cpu_tp2", *SFT_FAST, nproc=2, check=False,
                             timeout=300),
                   "holds checkpoints written at TP=1 PP=1; this run asks TP=2 PP=1", "Rerun at TP=1 PP=1",
                   torchrun=True)

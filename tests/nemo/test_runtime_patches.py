@@ -202,3 +202,24 @@ def test_rollout_rebalancing_over_gloo_gathers_uneven_batches_in_rank_order():
                       for r, n in enumerate(sizes)]).tolist()
     assert out["fixed0"] == want and out["fixed1"] == want
     assert out["original0"] != "ran" and "gloo" in out["original0"].lower(), out["original0"]
+
+
+def test_critic_state_copies_work_without_pinned_memory_and_equal_the_model():
+    """Aligner's copy_model_states_to_cpu asks for pinned memory, which a CPU-only torch refuses; with the
+    patch the copy is made (unpinned) by Aligner's own function and equals the model's state."""
+    import torch
+
+    patches.install_stubs(patches.RLHF_STUBS)
+    from nemo_aligner.utils import utils
+
+    patch = next(p for p in patches.RLHF_CPU_PATCHES if p.target == "nemo_aligner.utils.utils:copy_model_states_to_cpu")
+    original = patches._APPLIED.get(patch.target, (None, None, utils.copy_model_states_to_cpu))[2]
+    model = torch.nn.Linear(3, 2)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="pin"):
+            original(model, megatron_amp_O2=False, sync=False)
+    copy = patch.make(original)(model, None, megatron_amp_O2=False, sync=False)
+    assert set(copy) == {"weight", "bias"}
+    assert all(torch.equal(copy[k], v) and copy[k].data_ptr() != v.data_ptr() for k, v in model.state_dict().items())
+    again = patch.make(original)(model, copy, megatron_amp_O2=False, sync=False)  # reuses the buffers
+    assert again["weight"].data_ptr() == copy["weight"].data_ptr()

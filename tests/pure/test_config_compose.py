@@ -14,6 +14,7 @@ GOLDEN = Path(__file__).parent / "golden"
 # Keys added or changed on purpose since the golden files were written: {key: value}.
 ADDED = {"run.trust_checkpoint": False,  # #9: accept a trusted .nemo's pickles
          "model.hidden_size": 128, "model.ffn_hidden_size": 344}  # #10: the tiny base rebuilt at head_dim 32
+ADDED_TO = {"sft_lora": {"run.allow_repeat": False}}  # #13: refuse data smaller than one batch unless told
 
 
 def flat(d, prefix=""):
@@ -37,7 +38,8 @@ def test_composed_config_is_unchanged_key_for_key(config, overrides, golden):
         cfg = OmegaConf.to_container(compose(config, overrides=overrides))  # unresolved, as --cfg job prints
     want = flat(yaml.safe_load((GOLDEN / golden).read_text()))
     got = flat(cfg)
-    assert {k: got[k] for k in ADDED if k in got} == {k: v for k, v in ADDED.items()}
-    got = {k: v for k, v in got.items() if k not in ADDED}
-    want = {k: v for k, v in want.items() if k not in ADDED}
+    added = {**ADDED, **ADDED_TO.get(config, {})}
+    assert {k: got[k] for k in added if k in got} == added
+    got = {k: v for k, v in got.items() if k not in added}
+    want = {k: v for k, v in want.items() if k not in added}
     assert got == want, {k: (want.get(k), got.get(k)) for k in set(want) | set(got) if want.get(k) != got.get(k)}

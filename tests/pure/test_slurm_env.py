@@ -106,3 +106,18 @@ def test_resume_trims_metrics_to_the_checkpoint_of_any_layout(tmp_path):
     metrics.write_text("".join(json.dumps({"kind": "train", "step": s}) + "\n" for s in range(1, 53)))
     trim_metrics_to_checkpoint(metrics, ckpts)
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, 41))
+
+
+
+def test_a_torn_last_metrics_line_from_a_killed_run_is_dropped_on_resume(tmp_path):
+    """kill -9 mid-append leaves half a JSON line: the resume keeps the complete rows up to the checkpoint."""
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    (ckpts / "m--step=3-consumed_samples=24.0-last.ckpt").write_text("")
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"kind": "train", "step": s}) + "\n" for s in range(1, 6)) + '{"kind": "tr')
+    trim_metrics_to_checkpoint(metrics, ckpts)
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3]
+    metrics.write_text('{"kind": "tr\n' + json.dumps({"kind": "train", "step": 1}) + "\n")
+    with pytest.raises(json.JSONDecodeError):  # only the last line may be torn
+        trim_metrics_to_checkpoint(metrics, ckpts)

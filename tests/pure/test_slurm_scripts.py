@@ -15,7 +15,7 @@ from tests.conftest import REPO, VENV_BIN
 SHELL_SCRIPTS = sorted([*REPO.glob("slurm/*.sh"), *REPO.glob(".ci/*.sh"), REPO / ".ci" / "run",
                         *REPO.glob("scripts/*.sh"), *REPO.glob("containers/*.sh")])
 STAGE_SCRIPTS = {"prep.sh": "prep", "sft_lora.sh": "sft", "dpo_lora.sh": "dpo", "rm.sh": "rm", "export.sh": "export",
-                 "eval.sh": "eval", "rlhf_ppo.sh": "ppo"}
+                 "eval.sh": "eval", "rlhf_ppo.sh": "ppo"}  # rlhf_ppo.sh also runs critic_server
 RESUMABLE = ("sft_lora.sh", "dpo_lora.sh", "rm.sh", "rlhf_ppo.sh")
 SCRIPT_OF = {"prep": "prep", "prep_dpo": "prep", "sft": "sft_lora", "dpo": "dpo_lora", "export": "export",
              "eval": "eval"}
@@ -205,13 +205,14 @@ def test_container_mode_runs_the_stage_in_the_image_with_pyxis_flags(tmp_path):
 
 
 def test_ppo_job_routes_overrides_and_points_the_actor_at_the_server_component(tmp_path):
-    proc = _run(["bash", "slurm/rlhf_ppo.sh", "from_run=runs/sft/a", "critic:rm_from_run=runs/rm/b",
-                 "actor:trainer.ppo.max_steps=5"], DRY_RUN="1", **_fake_slurm(tmp_path))
+    proc = _run(["bash", "slurm/rlhf_ppo.sh", "trainer.precision=32", "critic:from_run=runs/rm/b",
+                 "actor:from_run=runs/sft/a", "actor:trainer.ppo.max_steps=5"], DRY_RUN="1", **_fake_slurm(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     critic, actor = [line for line in proc.stdout.splitlines() if line.startswith("+ env")]
-    assert "--het-group=0" in critic and "role=critic" in critic and "trainer.ppo.port=5556" in critic
-    assert "from_run=runs/sft/a rm_from_run=runs/rm/b" in critic and "max_steps=5" not in critic
-    assert "--het-group=1" in actor and "role=actor" in actor and "rm_from_run" not in actor
-    assert r"remote_critic_rm.critic.ip=\<first\ host\ of\ component\ 0\>" in actor
-    assert actor.endswith("from_run=runs/sft/a trainer.ppo.max_steps=5")
+    assert "--het-group=0" in critic and "-m nemo_ft.stages.critic_server host=0.0.0.0" in critic
+    assert "trainer.ppo.port=5556" in critic
+    assert critic.endswith("trainer.precision=32 from_run=runs/rm/b") and "max_steps=5" not in critic
+    assert "--het-group=1" in actor and "-m nemo_ft.stages.ppo" in actor and "critic.remote=true" in actor
+    assert r"remote_critic_rm.critic.ip=\<first\ host\ of\ component\ 0\>" in actor and "runs/rm/b" not in actor
+    assert actor.endswith("trainer.precision=32 from_run=runs/sft/a trainer.ppo.max_steps=5")
     assert "MASTER_ADDR=\\<first\\ host\\ of\\ component\\ 1\\>" in actor

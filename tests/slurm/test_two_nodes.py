@@ -153,7 +153,7 @@ def test_layout_mismatch_is_refused_before_anything_starts(tmp_path):
 
 
 def test_heterogeneous_ppo_job_actor_finds_the_server_by_hostname(tmp_path):
-    """slurm/rlhf_ppo.sh with payloads for the ppo stage: the critic server on one node, the actor on
+    """slurm/rlhf_ppo.sh with payloads for critic_server and ppo: the critic server on one node, the actor on
     the other, which reaches it through the first host of the server's component."""
     log = tmp_path / "job.out"
     # One component per node (sbatch's `A : B` sets each component's options over the script's).

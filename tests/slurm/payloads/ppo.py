@@ -1,6 +1,6 @@
-"""Stands in for the ppo stage in slurm/rlhf_ppo.sh: role=critic serves on trainer.ppo.port and answers
-with its hostname; role=actor connects to remote_critic_rm.critic.ip:port (the first host of the
-server's component, as the script found it) and reports what it reached."""
+"""Stands in for `nemo-ft ppo critic.remote=true` in slurm/rlhf_ppo.sh: connects to
+remote_critic_rm.critic.ip:port (the first host of the server's component, as the script found it) and
+reports what it reached."""
 import os
 import socket
 import time
@@ -8,18 +8,8 @@ import time
 from tests.slurm.payloads import overrides, say
 
 
-def critic(o: dict) -> int:
-    port = int(o["trainer.ppo.port"])
-    with socket.create_server(("0.0.0.0", port)) as srv:
-        say(f"critic serving on port {port} (rendezvous {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']})")
-        srv.settimeout(120)
-        while True:  # until the job ends
-            conn, _ = srv.accept()
-            with conn:
-                conn.sendall(f"critic on {socket.gethostname()}".encode())
-
-
 def actor(o: dict) -> int:
+    assert o["critic.remote"] == "true", o
     host, port = o["remote_critic_rm.critic.ip"], int(o["remote_critic_rm.critic.port"])
     deadline = time.monotonic() + 60
     while True:
@@ -36,5 +26,4 @@ def actor(o: dict) -> int:
 
 
 if __name__ == "__main__":
-    o = overrides()
-    raise SystemExit(critic(o) if o["role"] == "critic" else actor(o))
+    raise SystemExit(actor(overrides()))
