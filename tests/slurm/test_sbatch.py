@@ -91,8 +91,8 @@ def test_requeued_job_resumes_from_its_checkpoint(tmp_path):
     """Preempt a running job for real (scontrol requeue): the rerun resumes from the last checkpoint.
 
     400 steps with a checkpoint every 50 keep the tiny model training long enough (~12 s on CPU) to be
-    requeued mid-run. The first attempt also logged the steps after its last checkpoint, which the
-    rerun repeats: every row, repeated or not, must equal an uninterrupted reference run's row.
+    requeued mid-run. The requeue's SIGTERM makes the first attempt checkpoint the step it is on; every
+    row of the resumed run must equal an uninterrupted reference run's row.
     """
     args = ("slurm/sft_lora.sh", "parallel=cpu", "trainer.max_steps=400", "trainer.val_check_interval=50",
             "trainer.enable_progress_bar=false")
@@ -113,13 +113,14 @@ def test_requeued_job_resumes_from_its_checkpoint(tmp_path):
     assert f"job {job_id} restart 0" in log and f"job {job_id} restart 1" in log
     assert (run_dir / "adapter.nemo").exists()
 
-    # The rerun restored the checkpoint of a step c (a validation step) written by the first attempt.
+    # The rerun restored the checkpoint of the step c the first attempt was on when the requeue's SIGTERM
+    # arrived: it finished that step, wrote its checkpoint and exited 75 (callbacks.Preemption).
     first, rerun = log.split(f"job {job_id} restart 1", 1)
     pattern = r"Restoring states from the checkpoint path at \S+-step=(\d+)-\S+-last\.ckpt"
     restored = set(re.findall(pattern, rerun))  # a set: Lightning's and hydra's loggers both print it
     assert len(restored) == 1 and "Restoring states" not in first, rerun[-3000:]
     c = int(restored.pop())
-    assert c % 50 == 0 and 50 <= c < 400
+    assert re.findall(r"stopped by SIGTERM after step (\d+)", first) == [str(c)] and 60 <= c < 400, first[-3000:]
 
     # metrics.jsonl: the rows the first attempt logged after checkpoint c were dropped on resume
     # (the rerun repeats those steps), so the steps run straight 1..400 and every row equals the

@@ -94,7 +94,11 @@ def test_pp2_across_two_nodes_equals_the_single_process_run(runs):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), a["step"]
         assert (b["lr"], b["consumed_samples"]) == pytest.approx((a["lr"], a["consumed_samples"]), rel=1e-6)
     last_val = {r["step"]: r["val_loss"] for r in val}  # a step validated twice (before and after the requeue)
-    assert last_val == pytest.approx({r["step"]: r["val_loss"] for r in ref_val}, abs=1e-4)
+    ref = {r["step"]: r["val_loss"] for r in ref_val}
+    assert {k: last_val[k] for k in ref} == pytest.approx(ref, abs=1e-4)
+    # Lightning also validates the step a stop lands on (the requeue's SIGTERM): only that one is extra.
+    stopped = re.search(r"stopped by SIGTERM after step (\d+)", log)
+    assert stopped and set(last_val) - set(ref) <= {int(stopped.group(1))}, (sorted(last_val), log[-3000:])
     # The adapter holds both pipeline stages' shards, each saved by the rank on its node.
     with NemoArchive(root / "pp2" / "adapter.nemo") as archive:
         layout = archive.layout()
@@ -113,7 +117,10 @@ def test_requeued_two_node_job_resumes_from_its_checkpoint(runs):
     restored = set(re.findall(r"Restoring states from the checkpoint path at \S+-step=(\d+)-\S+-last\.ckpt", rerun))
     assert len(restored) == 1 and "Restoring states" not in first, rerun[-3000:]
     c = int(restored.pop())
-    assert c % 20 == 0 and 20 <= c <= requeued_at
+    # The requeue's SIGTERM reached both ranks inside srun: they finished the step they were on, wrote
+    # the checkpoint of that step and exited 75 (callbacks.Preemption), so the rerun resumes there.
+    stopped = set(re.findall(r"stopped by SIGTERM after step (\d+)", first))
+    assert stopped == {str(c)} and requeued_at <= c < 200, (stopped, c, requeued_at)
     # The steps the first attempt ran after checkpoint c were dropped and rerun: each step once, and
     # (previous test) each equal to the uninterrupted single-process run.
     train, _ = read_metrics(root / "pp2")
