@@ -135,5 +135,7 @@ def test_requeued_job_resumes_from_its_checkpoint(tmp_path):
         for key in ("reduced_train_loss", "grad_norm", "lr", "consumed_samples"):
             assert row[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-6), (row["step"], key)
     last_val = {r["step"]: r["val_loss"] for r in val}
-    assert last_val == pytest.approx({r["step"]: r["val_loss"] for r in ref_val}, abs=1e-6)
-    assert sorted(last_val) == list(range(50, 401, 50))
+    ref = {r["step"]: r["val_loss"] for r in ref_val}
+    assert sorted(ref) == list(range(50, 401, 50))
+    assert {k: last_val[k] for k in ref} == pytest.approx(ref, abs=1e-6)
+    assert set(last_val) - set(ref) <= {c}  # Lightning also validates the step the stop landed on
