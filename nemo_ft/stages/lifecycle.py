@@ -241,6 +241,55 @@ def check_resume_layout(run_dir: Path, layout: dict) -> None:
                                        "adapter_tp1.nemo; model.peft.restore_from_path=...)")])
 
 
+def _complete(ckpt: Path) -> bool:
+    """A torch.save .ckpt is a zip archive: a write cut short (a crash, a killed job, a full disk) fails
+    its central directory or a member's CRC. Read without unpickling anything."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(ckpt) as z:
+            return z.testzip() is None
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return False
+
+
+def fall_back_from_torn_checkpoint(checkpoints: Path, act: bool) -> list[str]:
+    """NeMo resumes from the newest *-last.ckpt (one per TP/PP rank below checkpoints/), and crashes in
+    torch.load on a half-written one. If any rank's is torn, it is renamed *.torn and the newest
+    checkpoint complete on every rank is copied to a -last name, so NeMo's own resume takes it (and
+    metrics.jsonl is trimmed to it); with none complete, StageErrors (exit 2) rather than a silent fresh
+    start. Files only: distributed checkpoints (directories) are left to NeMo. Rank 0 acts (`act`),
+    before torch.distributed starts, so no rank reads the checkpoints before the fall-back is in place."""
+    if not checkpoints.is_dir():
+        return []
+    lasts = [p for p in checkpoints.rglob("*-last.ckpt") if p.is_file()]
+    torn = [p for p in lasts if not _complete(p)]
+    if not torn:
+        return []
+    by_name: dict = {}
+    for p in checkpoints.rglob("*.ckpt"):
+        if p.is_file() and not p.name.endswith("-last.ckpt"):
+            by_name.setdefault(p.name, []).append(p)
+    ranks = {p.parent for p in lasts}
+    complete = [name for name, files in by_name.items() if {f.parent for f in files} == ranks and all(map(_complete, files))]
+
+    def step(name: str) -> int:
+        found = re.search(r"-step=(\d+)", name)
+        return int(found.group(1)) if found else -1
+    if not complete:
+        raise StageErrors([InputError(f"the newest checkpoint is incomplete ({', '.join(str(p) for p in torn)}: a write "
+                                      "cut short) and no earlier checkpoint is complete on every rank; move "
+                                      f"{checkpoints} aside to start over", path=str(torn[0]), key="exp_manager")])
+    best = max(complete, key=step)
+    if act:
+        for p in lasts:
+            p.rename(p.with_name(p.name + ".torn"))
+        for f in by_name[best]:
+            shutil.copyfile(f, f.with_name(f.name[:-len(".ckpt")] + "-last.ckpt"))
+    return [f"the newest checkpoint is incomplete ({torn[0].name}: a write cut short; kept as *.torn): resuming "
+            f"from {best} (step {step(best)}), the newest complete on every rank"]
+
+
 def _has_checkpoint(run_dir: Path) -> bool:
     # PEFT checkpoints are .ckpt files; full fine-tuning's distributed checkpoints are directories.
     ckpt = run_dir / "nemo" / "checkpoints"
@@ -328,6 +377,7 @@ def start(stage: str, cfg: DictConfig, *, checks: Callable[..., list],
               "pipeline_model_parallel_size": int(OmegaConf.select(cfg, "model.pipeline_model_parallel_size") or 1)}
     if resuming:
         check_resume_layout(run_dir, layout)
+        notes += fall_back_from_torn_checkpoint(run_dir / "nemo" / "checkpoints", act=is_rank_zero())
     if is_rank_zero():
         if not resuming and cfg.exp_manager.get("create_checkpoint_callback"):
             with artifacts.atomic_write(run_dir / LAYOUT_STAMP) as f:

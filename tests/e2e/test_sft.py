@@ -222,3 +222,25 @@ def test_resuming_checkpoints_at_another_layout_is_refused(sft_tp1, tmp_path):
                   "holds checkpoints written at TP=1 PP=1; this run asks TP=2 PP=1", "Rerun at TP=1 PP=1",
                   torchrun=True)
     assert sorted(p.name for p in run_dir.rglob("*")) == before  # nothing touched, the manifest kept
+
+
+def test_a_torn_newest_checkpoint_falls_back_to_the_previous_complete_one(sft_tp1, tmp_path):
+    """A crash while the newest -last.ckpt was written (here: truncated): the rerun says so, keeps it as
+    *.torn, resumes from the newest checkpoint complete on every rank (the top-k copy NeMo wrote at the
+    stop, step 30: the stop validated) instead of crashing in torch.load or starting over, and ends on the
+    uninterrupted curve."""
+    run_stage("sft", f"run.dir={tmp_path}", *SFT_FAST, "run.stop_after_steps=30")
+    ckpts = tmp_path / "nemo" / "checkpoints"
+    (last,) = [p for p in ckpts.rglob("*-last.ckpt")]
+    assert "step=30" in last.name
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])
+    proc = run_stage("sft", f"run.dir={tmp_path}", *SFT_FAST)
+    assert "the newest checkpoint is incomplete" in proc.stdout and "(step 30)" in proc.stdout, proc.stdout[-3000:]
+    assert (ckpts / (last.name + ".torn")).exists()
+    t_ref, v_ref = read_metrics(sft_tp1)
+    t_res, v_res = read_metrics(tmp_path)
+    assert [r["step"] for r in t_res] == list(range(1, 61))
+    for a, b in zip(t_ref, t_res):
+        assert b["reduced_train_loss"] == pytest.approx(a["reduced_train_loss"], rel=1e-6, abs=1e-7), a["step"]
+    assert v_res[-1]["val_loss"] == pytest.approx(v_ref[-1]["val_loss"], abs=1e-6)

@@ -121,3 +121,35 @@ def test_a_torn_last_metrics_line_from_a_killed_run_is_dropped_on_resume(tmp_pat
     metrics.write_text('{"kind": "tr\n' + json.dumps({"kind": "train", "step": 1}) + "\n")
     with pytest.raises(json.JSONDecodeError):  # only the last line may be torn
         trim_metrics_to_checkpoint(metrics, ckpts)
+
+
+def test_a_torn_last_checkpoint_falls_back_per_rank_or_refuses(tmp_path):
+    import zipfile
+
+    from nemo_ft.config.entry import StageErrors
+    from nemo_ft.stages.lifecycle import fall_back_from_torn_checkpoint
+
+    def ckpt(path, torn=False):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("archive/data.pkl", b"x" * 1000)
+        if torn:
+            path.write_bytes(path.read_bytes()[:500])
+
+    root = tmp_path / "checkpoints"
+    for rank in ("tp_rank_00_pp_rank_000", "tp_rank_01_pp_rank_000"):
+        ckpt(root / rank / "m--val=1.0-step=20-last.ckpt", torn=rank.startswith("tp_rank_01"))
+        ckpt(root / rank / "m--val=1.2-step=10.ckpt")
+    ckpt(root / "tp_rank_00_pp_rank_000" / "m--val=1.1-step=15.ckpt")  # on one rank only: not complete
+    assert fall_back_from_torn_checkpoint(root, act=False)[0].endswith("(step 10), the newest complete on every rank")
+    assert len(list(root.rglob("*-last.ckpt"))) == 2 and not list(root.rglob("*.torn"))  # act=False: no change
+    fall_back_from_torn_checkpoint(root, act=True)
+    assert sorted(p.name for p in root.rglob("*-last.ckpt")) == ["m--val=1.2-step=10-last.ckpt"] * 2
+    assert len(list(root.rglob("*.torn"))) == 2
+    assert fall_back_from_torn_checkpoint(root, act=True) == []  # nothing torn now
+    for p in root.rglob("*step=10*"):
+        p.write_bytes(b"not a zip")
+    ckpt(root / "tp_rank_00_pp_rank_000" / "m--step=40-last.ckpt", torn=True)
+    with pytest.raises(StageErrors) as err:
+        fall_back_from_torn_checkpoint(root, act=True)
+    assert "no earlier checkpoint is complete on every rank" in str(err.value.errors[0])
