@@ -111,6 +111,36 @@ def leftovers(tag) -> list[str]:
     return [line for line in out.splitlines() if "pgrep" not in line]
 
 
+def signal_mid_run(stage: str, *overrides: str, ready, sig: str, log: Path, start_timeout: float = 300,
+                   stop_timeout: float = 120):
+    """Start a stage, wait until ready() while it runs, send it `sig` (a name: SIGTERM, SIGUSR1), wait for it
+    to end. Output goes to `log`, a file: a pipe nobody reads fills up and blocks the stage.
+    Returns (exit code, output, seconds from the signal to the end)."""
+    import signal
+    import time
+
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", f"nemo_ft.stages.{stage}", *overrides], cwd=REPO,
+                                env=stage_env(), stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + start_timeout
+        while time.monotonic() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.1)
+        assert proc.poll() is None and ready(), Path(log).read_text()[-3000:]
+        proc.send_signal(getattr(signal, sig))
+        t0 = time.monotonic()
+        proc.wait(timeout=stop_timeout)
+        return proc.returncode, Path(log).read_text(), time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def trained_past(run_dir: Path, step: int):
+    """ready() for signal_mid_run: metrics.jsonl has a train row at `step` or later."""
+    return lambda: (Path(run_dir) / "metrics.jsonl").exists() and any(r["step"] >= step for r in read_metrics(run_dir)[0])
+
+
 PREF_INPUTS = (f"inputs=[{{path: {SAMPLE}/lookup_pref_train.jsonl, split: train}}, "
                f"{{path: {SAMPLE}/lookup_pref_validation.jsonl, split: validation}}, "
                f"{{path: {SAMPLE}/lookup_pref_test.jsonl, split: test}}]")

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from tests.conftest import LOOKUP_LORA, PREF_INPUTS, REPO, assert_refused, read_metrics, run_stage, stage_env
+from tests.conftest import LOOKUP_LORA, PREF_INPUTS, assert_refused, read_metrics, run_stage
 
 pytestmark = pytest.mark.e2e
 
@@ -111,32 +111,13 @@ def test_sigusr1_checkpoints_at_the_step_and_the_rerun_continues_the_curve(looku
     """SLURM's --signal=B:USR1@T (passed on by slurm/_launch.sh) reaches a running DPO job: Aligner's loop
     saves at the step boundary as at its time limit, the stage exits 75 with no adapter, and the same
     command again ends on the uninterrupted run's curve (dpo_run: the same config, never stopped)."""
-    import signal
-    import subprocess
-    import sys
-    import time
+    from tests.conftest import signal_mid_run, trained_past
 
     args = [f"from_run={lookup_pipeline / 'sft'}", f"data_dir={prefs}", f"run.dir={tmp_path / 'run'}", *FAST,
             "trainer.dpo.max_steps=20"]
-    log = tmp_path / "first.log"
-    with open(log, "w") as f:  # a file, not a pipe nobody reads
-        proc = subprocess.Popen([sys.executable, "-m", "nemo_ft.stages.dpo", *args], cwd=REPO, env=stage_env(),
-                                stdout=f, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:
-            metrics = tmp_path / "run" / "metrics.jsonl"
-            if metrics.exists() and any(r["step"] >= 3 for r in read_metrics(tmp_path / "run")[0]):
-                break
-            time.sleep(0.1)
-        assert proc.poll() is None, log.read_text()[-3000:]
-        proc.send_signal(signal.SIGUSR1)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    out = log.read_text()
-    assert proc.returncode == 75, out[-3000:]
+    code, out, _ = signal_mid_run("dpo", *args, ready=trained_past(tmp_path / "run", 3), sig="SIGUSR1",
+                                  log=tmp_path / "first.log")
+    assert code == 75, out[-3000:]
     stopped = int(out.split("stopped by SIGUSR1 after step ")[1].split(";")[0])
     assert 3 <= stopped < 20 and not (tmp_path / "run" / "adapter.nemo").exists()
     assert read_metrics(tmp_path / "run")[0][-1]["step"] <= stopped

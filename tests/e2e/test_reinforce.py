@@ -5,14 +5,12 @@ The reward that must be learned is one a tiny model can learn in a CI budget: ev
 same reference (" Paris."), scored by token F1 (reward.kind=rule). Learning it is the proof that rollouts,
 rewards, the RLOO advantage and the update agree in sign and reach the adapter."""
 import json
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.conftest import REPO, SAMPLE, read_jsonl, read_metrics, run_stage, stage_env, assert_refused, leftovers
+from tests.conftest import (REPO, SAMPLE, assert_refused, leftovers, read_jsonl, read_metrics, run_stage,
+                            signal_mid_run)
 
 pytestmark = pytest.mark.e2e
 
@@ -129,32 +127,18 @@ def test_a_signal_mid_run_stops_the_actor_and_its_server(lookup_pipeline, paris,
     """SIGTERM (scancel): stop now, exit 143. SIGUSR1 (SLURM's warning before the time limit, passed on by
     slurm/_launch.sh): Aligner's loop checkpoints at the step boundary, exit 75 for a requeue. Either way
     the reward server is stopped and nothing is left running."""
-    cmd = [sys.executable, "-m", "nemo_ft.stages.reinforce", f"from_run={lookup_pipeline / 'sft'}",
-           f"data_dir={paris}", f"run.dir={tmp_path}", "reward.kind=rule", "trainer.reinforce.max_steps=200"]
-    log = tmp_path.parent / f"{sig}.log"
-    with open(log, "w") as f:  # a file, not a pipe: a pipe nobody reads fills up and blocks the stage
-        proc = subprocess.Popen(cmd, cwd=REPO, env=stage_env(), stdout=f, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and proc.poll() is None:
-            if (tmp_path / "rollouts.jsonl").exists() and (tmp_path / "rollouts.jsonl").stat().st_size:
-                break  # rollouts are being scored: the server is up and training has begun
-            time.sleep(1)
-        assert proc.poll() is None, log.read_text()[-3000:]
-        assert leftovers(tmp_path / "reward_server")  # the server is running (its run.dir is below ours)
-        proc.send_signal(getattr(signal, sig))
-        t0 = time.monotonic()
-        proc.wait(timeout=120)
-        took = time.monotonic() - t0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    out = log.read_text()
+    def scoring():  # rollouts are being scored: the server is up and training has begun
+        rollouts = tmp_path / "rollouts.jsonl"
+        return rollouts.exists() and rollouts.stat().st_size > 0 and bool(leftovers(tmp_path / "reward_server"))
+
+    code, out, took = signal_mid_run("reinforce", f"from_run={lookup_pipeline / 'sft'}", f"data_dir={paris}",
+                                     f"run.dir={tmp_path}", "reward.kind=rule", "trainer.reinforce.max_steps=200",
+                                     ready=scoring, sig=sig, log=tmp_path.parent / f"{sig}.log", start_timeout=240)
     if sig == "SIGTERM":
-        assert proc.returncode == 143, out[-3000:]
+        assert code == 143, out[-3000:]
         assert "stopped by SIGTERM; the reward server was stopped" in out
     else:
-        assert proc.returncode == 75, out[-3000:]
+        assert code == 75, out[-3000:]
         assert "stopped by SIGUSR1 after step" in out and "rerun the same command to resume" in out
         assert [p for p in (tmp_path / "nemo" / "checkpoints").rglob("*") if "step=" in p.name], "no checkpoint"
     assert took < 90, took

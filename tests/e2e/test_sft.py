@@ -25,6 +25,16 @@ def assert_same_curves(run_a, run_b, tol=1e-4):
         assert b["val_loss"] == pytest.approx(a["val_loss"], abs=tol)
 
 
+def assert_continues_the_curve(reference, resumed, steps=60):
+    """A stopped-and-resumed run ends on the uninterrupted run's curve: every step once, equal losses."""
+    t_ref, v_ref = read_metrics(reference)
+    t_res, v_res = read_metrics(resumed)
+    assert [r["step"] for r in t_res] == list(range(1, steps + 1))
+    for a, b in zip(t_ref, t_res):
+        assert b["reduced_train_loss"] == pytest.approx(a["reduced_train_loss"], rel=1e-6, abs=1e-7), a["step"]
+    assert v_res[-1]["val_loss"] == pytest.approx(v_ref[-1]["val_loss"], abs=1e-6)
+
+
 def _summary(run_dir):
     return json.loads((run_dir / "manifest.json").read_text())["summary"]
 
@@ -150,32 +160,11 @@ def test_signal_checkpoints_at_the_step_and_the_rerun_continues_the_curve(sft_tp
     """What SLURM sends before the time limit (--signal=B:USR1@T, passed on by slurm/_launch.sh) or on
     preemption (SIGTERM) reaches a running CPU job: it finishes the step, writes NeMo's -last checkpoint,
     saves no adapter and exits 75; the same command again ends on the uninterrupted run's curve."""
-    import signal
-    import subprocess
-    import sys
-    import time
+    from tests.conftest import signal_mid_run, trained_past
 
-    from tests.conftest import REPO, stage_env
-
-    cmd = [sys.executable, "-m", "nemo_ft.stages.sft", f"run.dir={tmp_path}", *SFT_FAST]
-    log = tmp_path.parent / f"{sig}.log"
-    with open(log, "w") as f:  # a file, not a pipe: a pipe nobody reads fills up and blocks the stage
-        proc = subprocess.Popen(cmd, cwd=REPO, env=stage_env(), stdout=f, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:
-            steps = read_metrics(tmp_path)[0] if (tmp_path / "metrics.jsonl").exists() else []
-            if steps and steps[-1]["step"] >= 25:
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, log.read_text()[-3000:]
-        proc.send_signal(getattr(signal, sig))
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    err = log.read_text()
-    assert proc.returncode == 75, err[-3000:]
+    code, err, _ = signal_mid_run("sft", f"run.dir={tmp_path}", *SFT_FAST, ready=trained_past(tmp_path, 25), sig=sig,
+                                  log=tmp_path.parent / f"{sig}.log")
+    assert code == 75, err[-3000:]
     stopped = int(err.split(f"stopped by {sig} after step ")[1].split(";")[0])
     assert 25 <= stopped < 60 and "rerun the same command to resume" in err
     train, _ = read_metrics(tmp_path)
@@ -184,12 +173,7 @@ def test_signal_checkpoints_at_the_step_and_the_rerun_continues_the_curve(sft_tp
     assert [p for p in (tmp_path / "nemo").rglob("*-last*")], "no -last checkpoint to resume from"
 
     run_stage("sft", f"run.dir={tmp_path}", *SFT_FAST)
-    t_ref, v_ref = read_metrics(sft_tp1)
-    t_res, v_res = read_metrics(tmp_path)
-    assert [r["step"] for r in t_res] == list(range(1, 61))
-    for a, b in zip(t_ref, t_res):
-        assert b["reduced_train_loss"] == pytest.approx(a["reduced_train_loss"], rel=1e-6, abs=1e-7), a["step"]
-    assert v_res[-1]["val_loss"] == pytest.approx(v_ref[-1]["val_loss"], abs=1e-6)
+    assert_continues_the_curve(sft_tp1, tmp_path)
 
 
 def test_an_adapter_at_another_layout_is_refused_and_its_tp1_export_gives_the_same_loss(sft_tp1, sft_tp2, tmp_path):
@@ -238,9 +222,4 @@ def test_a_torn_newest_checkpoint_falls_back_to_the_previous_complete_one(sft_tp
     proc = run_stage("sft", f"run.dir={tmp_path}", *SFT_FAST)
     assert "the newest checkpoint is incomplete" in proc.stdout and "(step 30)" in proc.stdout, proc.stdout[-3000:]
     assert (ckpts / (last.name + ".torn")).exists()
-    t_ref, v_ref = read_metrics(sft_tp1)
-    t_res, v_res = read_metrics(tmp_path)
-    assert [r["step"] for r in t_res] == list(range(1, 61))
-    for a, b in zip(t_ref, t_res):
-        assert b["reduced_train_loss"] == pytest.approx(a["reduced_train_loss"], rel=1e-6, abs=1e-7), a["step"]
-    assert v_res[-1]["val_loss"] == pytest.approx(v_ref[-1]["val_loss"], abs=1e-6)
+    assert_continues_the_curve(sft_tp1, tmp_path)
