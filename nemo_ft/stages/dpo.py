@@ -114,10 +114,8 @@ def run(cfg: DictConfig) -> dict:
         trainer.load_state_dict(loop.state)
     trainer.fit()
     aligner.check_preempted(run, loop.run_timer, trainer.step)
-    after = lifecycle.param_digests(model)
-
     tp, pp = run.rt.tp, run.rt.pp
-    adapter, saved = run.save_adapter(model)
+    adapter, saved, moved = run.save_adapter(model, before)
     if not run.rank0:
         return {}
     train, val = read_metrics(run.metrics)
@@ -126,8 +124,7 @@ def run(cfg: DictConfig) -> dict:
         "adapter": str(adapter), "peft_scheme": cfg.model.peft.peft_scheme, "tensor_model_parallel_size": tp,
         "pipeline_model_parallel_size": pp, "saved": saved, "preference_loss": cfg.model.dpo.preference_loss,
         "beta": cfg.model.dpo.ref_policy_kl_penalty, "reference": "the SFT-merged base" if cfg.sft_adapter else
-        "the base (adapters off)", "frozen_params_unchanged": before["frozen"] == after["frozen"],
-        "trainable_params_changed": before["trainable"] != after["trainable"], "steps": len(train),
+        "the base (adapters off)", **moved, "steps": len(train),
         "step0": {k: train[0].get(k) for k in ("loss", "rewards_chosen_mean", "rewards_rejected_mean", "acc")} if train else None,
         "last": train[-1] if train else None, "val_last": val[-1] if val else None, "pairs_over_seq_length_kept": over,
     }

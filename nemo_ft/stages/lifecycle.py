@@ -189,13 +189,19 @@ class StageRun:
             os.replace(tmp, out)
         return out, report
 
-    def save_adapter(self, model) -> tuple[Path, dict]:
+    def save_adapter(self, model, before: dict) -> tuple[Path, dict, dict]:
         """The trained PEFT weights as run.dir/<run.adapter_name>.nemo, checked (every rank's shard of this
-        TP/PP, no empty tensor) before it is put in place; full-parameter runs (peft_scheme none) unchecked."""
+        TP/PP, no empty tensor) before it is put in place; full-parameter runs (peft_scheme none) unchecked.
+        `before` is param_digests(model) from before training; returns (path, what the check reported,
+        what moved on this rank: the frozen base must come out bit-identical, the trained weights must move)."""
+        after = param_digests(model)
+        moved = {"frozen_params_unchanged": before["frozen"] == after["frozen"],
+                 "trainable_params_changed": before["trainable"] != after["trainable"]}
         tp, pp = self.rt.tp, self.rt.pp
         peft = self.cfg.model.peft.peft_scheme != "none"
-        return self.save_nemo(model, self.dir / f"{self.cfg.run.adapter_name}.nemo",
-                              check=(lambda p: check_adapter_file(p, tp, pp)) if peft else None)
+        adapter, saved = self.save_nemo(model, self.dir / f"{self.cfg.run.adapter_name}.nemo",
+                                        check=(lambda p: check_adapter_file(p, tp, pp)) if peft else None)
+        return adapter, saved, moved
 
     def finish(self, summary: dict, outputs: dict, inputs: Optional[dict] = None, plot_title: Optional[str] = None) -> dict:
         """Rank 0: the loss plot (if titled) and the manifest, last. `outputs`/`inputs` are {role: path}

@@ -244,10 +244,8 @@ def run(cfg: DictConfig, algo: Algorithm = REINFORCE) -> dict:
         if rm is not None:
             rm.communicator.close()  # unclosed PyTriton clients keep the process alive (Aligner's own note)
         stopped = service.stop()
-    after = lifecycle.param_digests(model)
-
     tp, pp = run.rt.tp, run.rt.pp
-    adapter, saved = run.save_adapter(model)
+    adapter, saved, moved = run.save_adapter(model, before)
     if not run.rank0:
         return {}
     train, val = read_metrics(run.metrics)
@@ -258,8 +256,7 @@ def run(cfg: DictConfig, algo: Algorithm = REINFORCE) -> dict:
         "initial_policy": "the SFT-merged base (adapters off)" if cfg.sft_adapter else "the base (adapters off)",
         "kl_penalty": loop.initial_policy_kl_penalty,
         "rollouts_per_step": int(cfg.model[algo.name].num_rollout_samples) * _rollouts_per_prompt(cfg, algo),
-        "frozen_params_unchanged": before["frozen"] == after["frozen"],
-        "trainable_params_changed": before["trainable"] != after["trainable"], "steps": len(train),
+        **moved, "steps": len(train),
         "rewards_first": train[0].get("rewards") if train else None,
         "rewards_last": train[-1].get("rewards") if train else None,
         "val_rewards": [v.get("rewards") for v in val], "server": {"ready_s": service.timings.get("ready_s"),
