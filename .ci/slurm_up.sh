@@ -8,7 +8,9 @@ if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
 fi
-if sinfo -h -o %T 2>/dev/null | grep -q idle; then echo "slurm already up"; exit 0; fi
+# [[ ]] on the captured output, not `sinfo | grep -q` under pipefail (see .ci/slurm2_up.sh).
+idle() { [[ "$(sinfo -h -o %T 2>/dev/null)" == *idle* ]]; }
+if idle; then echo "slurm already up"; exit 0; fi
 mkdir -p /run/munge "$RUN"/{state,spool,log}
 chown munge:munge /run/munge
 pgrep -x munged >/dev/null || runuser -u munge -- /usr/sbin/munged
@@ -43,7 +45,7 @@ CONF
 pgrep -x slurmctld >/dev/null || slurmctld
 pgrep -x slurmd >/dev/null || slurmd
 for _ in $(seq 60); do
-  if sinfo -h -o %T 2>/dev/null | grep -q idle; then echo "slurm up: $(sinfo -h -o '%N %c cpus %T')"; exit 0; fi
+  if idle; then echo "slurm up: $(sinfo -h -o '%N %c cpus %T')"; exit 0; fi
   sleep 1
 done
 echo "slurm did not come up; logs in $RUN/log" >&2
