@@ -75,6 +75,7 @@ def check_parallel(cfg) -> Iterable[ConfigError]:
                           f"PP={pp} does not divide num_layers={layers}; use a PP that divides {layers}")
     if OmegaConf.select(cfg, "model.sequence_parallel", default=False) and tp == 1:
         yield ConfigError("model.sequence_parallel", "sequence parallelism needs TP > 1; set it to false")
+    yield from _check_recompute(cfg, layers // pp if layers else None)
     dp = world // (tp * pp)
     mbs = _int(cfg, "model.micro_batch_size", 1)
     gbs = _int(cfg, "model.global_batch_size", mbs)
@@ -82,6 +83,39 @@ def check_parallel(cfg) -> Iterable[ConfigError]:
         yield ConfigError("model.global_batch_size",
                           f"global_batch_size={gbs} must be a multiple of micro_batch_size x data_parallel "
                           f"= {mbs} x {dp} = {mbs * dp}")
+
+
+def _check_recompute(cfg, layers_per_stage) -> Iterable[ConfigError]:
+    """Activation checkpointing as megatron-core's TransformerConfig accepts it, said before the model
+    is built: granularity full (method uniform|block, 1..layers-per-stage layers) or selective (no
+    method, no layer count)."""
+    granularity = OmegaConf.select(cfg, "model.activations_checkpoint_granularity", default=None)
+    method = OmegaConf.select(cfg, "model.activations_checkpoint_method", default=None)
+    n = OmegaConf.select(cfg, "model.activations_checkpoint_num_layers", default=None)
+    if granularity is None:
+        if method is not None or n is not None:
+            yield ConfigError("model.activations_checkpoint_granularity",
+                              "activations_checkpoint_method/num_layers are set but granularity is null, so nothing "
+                              "would be checkpointed; set granularity=full (or selective), or unset them")
+        return
+    if granularity not in ("full", "selective"):
+        yield ConfigError("model.activations_checkpoint_granularity",
+                          f"{granularity!r} is not a granularity: full (whole layers, needs method and num_layers) "
+                          "or selective (attention core only)")
+        return
+    if granularity == "selective":
+        if n is not None:
+            yield ConfigError("model.activations_checkpoint_num_layers",
+                              "selective checkpointing takes no layer count (megatron-core refuses one); set it to null")
+        return
+    if method not in ("uniform", "block"):
+        yield ConfigError("model.activations_checkpoint_method",
+                          f"granularity=full needs method uniform (checkpoint every num_layers layers) or block "
+                          f"(the first num_layers layers of each stage), not {method!r}")
+    top = f"1..{layers_per_stage} (the layers per pipeline stage)" if layers_per_stage else ">= 1"
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1 or (layers_per_stage and n > layers_per_stage):
+        yield ConfigError("model.activations_checkpoint_num_layers",
+                          f"granularity=full needs a layer count in {top}, not {n!r}")
 
 
 def _check_srun_layout(cfg, total_ok: bool) -> Iterable[ConfigError]:

@@ -13,6 +13,8 @@ import os
 import socket
 from dataclasses import dataclass
 
+from omegaconf import OmegaConf
+
 from nemo_ft import slurm
 from nemo_ft.runtime import patches
 
@@ -114,6 +116,8 @@ def prepare(cfg, aligner: bool = False, rlhf: bool = False) -> Runtime:
     patches.apply(patches.NEMO_FIXES)
     if not cuda:
         patches.apply(patches.CPU_PATCHES)
+    if OmegaConf.select(cfg, "run.loss_per_token", default=False):  # sft: one loss for any DP/accumulation
+        patches.apply(patches.TOKEN_MEAN_LOSS)
     if aligner:  # the preference stages: NeMo-Aligner on top of the same NeMo
         patches.apply(patches.ALIGNER_FIXES)
         if not cuda:

@@ -1,6 +1,6 @@
 """Every change nemo-ft makes to NeMo, megatron-core or torch, declared in one list.
 
-Five kinds:
+The lists, each applied for one reason:
 - HF_FIXES: what transformers needs beside NeMo's pins (the export stage's tokenizer conversion).
 - ALIGNER_FIXES / ALIGNER_CPU_PATCHES: NeMo-Aligner 0.7.0 on our pinned stack (applied by the
   preference stages only; the CPU ones only without CUDA). Facts: ../shared/ALIGNER_RLHF.md.
@@ -8,6 +8,9 @@ Five kinds:
   container included); applied everywhere, each only where the bug is present.
 - CPU_PATCHES: what NeMo needs to run its real training path on a CPU (gloo, fp32); applied only
   when no CUDA device is used.
+- TOKEN_MEAN_LOSS: the SFT loss as the token mean of the global batch, not NeMo's mean of per-micro-
+  batch means (run.loss_per_token=true, sft's default); see the block's comment.
+- RLHF_STUBS / RLHF_FIXES / RLHF_CPU_PATCHES: the REINFORCE/PPO actors and their PyTriton servers.
 
 Each Patch names its target by dotted path; tests/test_runtime_patches.py resolves every target in
 the installed stack, so an upgrade that renames or removes one fails loudly instead of silently
@@ -329,6 +332,62 @@ def _scalar_optimizer_state_kept(original):
     return optim_state_to_sharding_state
 
 
+def _checkpointed_input_needs_grad(original):
+    # Megatron's full activation checkpointing (tensor_parallel.checkpoint, and TE's) is reentrant: an
+    # autograd.Function whose output needs a gradient only if an input does. With a frozen base the
+    # block's input (the frozen embedding's output) needs none, so nothing inside the checkpointed
+    # layers gets a gradient: LoRA trains nothing, grad norm 0.0, no error (measured on the tiny model).
+    # The fix PEFT libraries use (transformers' enable_input_require_grads): make the input need one.
+    def _checkpointed_forward(self, hidden_states, *args, **kwargs):
+        import torch
+        if torch.is_grad_enabled() and not hidden_states.requires_grad:
+            hidden_states = hidden_states.detach().requires_grad_(True)
+        return original(self, hidden_states, *args, **kwargs)
+    return _checkpointed_forward
+
+
+def _torch_norm_sequence_parallel(original):
+    # megatron-core's norm without apex/TE (WrappedTorchNorm, the local spec's) asserts
+    # sequence_parallel off. Under SP a norm sees this rank's sequence shard, so its weight gradient is
+    # partial: apex's and TE's norms tag weight and bias `sequence_parallel` and NeMo's
+    # allreduce_sequence_parallel_gradients sums every tagged gradient over the TP group. The same
+    # tag on torch's norm gives the same result (a frozen norm under PEFT has no gradient to sum).
+    def __new__(cls, config, *args, **kwargs):
+        sp = config.sequence_parallel
+        config.sequence_parallel = False
+        try:
+            norm = original(cls, config, *args, **kwargs)
+        finally:
+            config.sequence_parallel = sp
+        for param in norm.parameters():
+            param.sequence_parallel = sp
+        return norm
+    return staticmethod(__new__)
+
+
+def _adapter_sp_without_te(original):
+    # Under sequence parallelism NeMo's ParallelLinearAdapter reads transformer-engine's version
+    # (PackageNotFoundError without TE) to decide whether TE's fused norm+linear already gathered
+    # its input (TE >= 1.5). Without TE nothing gathered it, which is what NeMo does below TE 1.5:
+    # the adapter gathers the sequence itself. So the version reads as "0" here, during __init__ only.
+    import contextlib
+    import importlib.metadata as metadata
+
+    @contextlib.contextmanager
+    def no_te():
+        version = metadata.version
+        metadata.version = lambda name: "0" if name == "transformer-engine" else version(name)
+        try:
+            yield
+        finally:
+            metadata.version = version
+
+    def __init__(self, *args, **kwargs):
+        with no_te():
+            original(self, *args, **kwargs)
+    return __init__
+
+
 NEMO_FIXES = [
     Patch("nemo.collections.nlp.modules.common.megatron.adapters.mcore_mixins:MCoreSelfAttentionMixin.forward",
           "LoRA attention mixin predates megatron-core 0.13's inference_context keyword",
@@ -356,6 +415,15 @@ NEMO_FIXES = [
     Patch("nemo.collections.nlp.parts.mixins.nlp_adapter_mixins:NLPAdapterModelMixin._check_and_add_adapter",
           "adapter init depended on the pipeline stage; seed it per global layer so every layout starts equal",
           _adapter_init_by_layer),
+    Patch("megatron.core.transformer.transformer_block:TransformerBlock._checkpointed_forward",
+          "full activation checkpointing gives no adapter a gradient when the base is frozen (grad norm 0)",
+          _checkpointed_input_needs_grad),
+    Patch("megatron.core.transformer.torch_norm:WrappedTorchNorm.__new__",
+          "sequence parallelism without apex/TE: torch's norm refuses it; tagged like apex's norms instead",
+          _torch_norm_sequence_parallel),
+    Patch("nemo.collections.nlp.modules.common.megatron.adapters.parallel_adapters:ParallelLinearAdapter.__init__",
+          "LoRA under sequence parallelism asks for transformer-engine's version (PackageNotFoundError without TE)",
+          _adapter_sp_without_te, when=lambda: not _have("transformer_engine")),
     Patch("nemo.collections.nlp.models.language_modeling.megatron_gpt_model:get_specs",
           "get_specs builds the TE spec eagerly (NameError without Transformer Engine)",
           _local_spec_without_te, when=lambda: not _have("transformer_engine")),
@@ -389,6 +457,68 @@ NEMO_FIXES = [
     Patch("nemo.collections.nlp.models.language_modeling.megatron_base_model:clip_grad_norm_fp32",
           "NeMo's gradient clipper needs apex's multi_tensor_applier",
           _torch_clip_grad_norm, when=lambda: not _have_apex()),
+]
+
+
+
+# --------------------------------------------------------------------------- token-mean loss
+# NeMo's SFT loss for a step is the mean over micro batches of each micro batch's own token mean
+# (megatron_gpt_model loss_func divides by the micro batch's loss tokens; Megatron's schedule divides
+# by the number of micro batches; DP averages). A micro batch with 3 loss tokens then weighs as much
+# as one with 30, and the step's loss and gradient depend on how the global batch is cut: its
+# MegatronPretrainingBatchSampler deals a global batch out to DP ranks by stride, so DP=2 puts other
+# samples together than DP=1 and trains another curve from the same data (measured: step-1 loss
+# 5.50 at DP=1 vs 5.72 at DP=2, micro batch 2, global batch 8). The gradient-accumulation bug other
+# trainers shipped. With run.loss_per_token=true (the default) each micro batch's token sum is divided
+# by the global batch's loss tokens / (micro batches x DP) instead, so the mean NeMo then takes is the
+# token mean of the whole global batch: one loss for any DP, micro batch size or accumulation, and
+# no 0/0 NaN for a micro batch without loss tokens. megatron-core's calculate_per_token_loss does
+# this for its own schedules; NeMo 2.4.1's SFT model does not pass it through.
+
+def _global_token_denominator(original):
+    import itertools
+
+    import torch
+
+    def fwd_bwd_step(self, dataloader_iter, forward_only, first_val_step=None):
+        from megatron.core import parallel_state
+        from megatron.core.num_microbatches_calculator import get_num_microbatches
+
+        # NeMo's own first line takes (batch, idx, dataloader_idx) from Lightning's fetcher, or the batch
+        # from a plain iterator: it gets the batch back below, in front of the rest.
+        item = next(dataloader_iter)
+        batch = item[0] if isinstance(item, tuple) else item
+        self._nemo_ft_tokens_per_ub = None
+        # NeMo's validation without validation_drop_last sums loss x tokens itself: left as it is.
+        if not forward_only or self.validation_drop_last:
+            group = parallel_state.get_data_parallel_group()
+            device = "cuda" if torch.distributed.get_backend(group) == "nccl" else "cpu"
+            tokens = batch["loss_mask"].sum().to(device=device, dtype=torch.float64)
+            torch.distributed.all_reduce(tokens, group=group)
+            if tokens.item() > 0:
+                self._nemo_ft_tokens_per_ub = tokens.item() / (
+                    get_num_microbatches() * parallel_state.get_data_parallel_world_size())
+        try:
+            return original(self, itertools.chain([batch], dataloader_iter), forward_only, first_val_step)
+        finally:
+            self._nemo_ft_tokens_per_ub = None
+    return fwd_bwd_step
+
+
+def _loss_over_global_tokens(original):
+    def loss_func(self, loss_mask, num_valid_tokens_in_ub, output_tensor):
+        per_ub = getattr(self, "_nemo_ft_tokens_per_ub", None)
+        return original(self, loss_mask, num_valid_tokens_in_ub if per_ub is None else per_ub, output_tensor)
+    return loss_func
+
+
+TOKEN_MEAN_LOSS = [
+    Patch("nemo.collections.nlp.models.language_modeling.megatron_gpt_sft_model:MegatronGPTSFTModel.fwd_bwd_step",
+          "count the global batch's loss tokens (all DP ranks) before its micro batches run",
+          _global_token_denominator),
+    Patch("nemo.collections.nlp.models.language_modeling.megatron_gpt_model:MegatronGPTModel.loss_func",
+          "divide each micro batch's token sum by the global batch's tokens per micro batch, not its own",
+          _loss_over_global_tokens),
 ]
 
 

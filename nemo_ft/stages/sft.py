@@ -88,6 +88,9 @@ def run(cfg: DictConfig) -> dict:
             f"{summary['train_loss_last']:.4f}; validation loss "
             + (f"{summary['val_loss_first']:.4f} -> {summary['val_loss_last']:.4f}" if val else "n/a"))
     run.log(f"adapter: {adapter} ({saved.get('params', 0)} params in {len(saved.get('weight_files', []))} file(s))")
+    if summary["steps"] and not moved["trainable_params_changed"]:
+        run.log(f"warning: the trainable weights did not change in {summary['steps']} steps (grad norm "
+                f"{train[-1].get('grad_norm')}): {adapter} is its starting point, not a trained adapter")
     run.log(f"logs + TensorBoard + checkpoints: {run.dir / 'nemo'}; metrics: {run.metrics}")
     return summary
 

@@ -14,7 +14,7 @@ os.environ.setdefault("NVIDIA_PYTORCH_VERSION", "24.07")
 from nemo_ft.runtime import patches  # noqa: E402
 
 ALL = (patches.NEMO_FIXES + patches.CPU_PATCHES + patches.HF_FIXES + patches.ALIGNER_FIXES
-       + patches.ALIGNER_CPU_PATCHES + patches.RLHF_FIXES + patches.RLHF_CPU_PATCHES)
+       + patches.ALIGNER_CPU_PATCHES + patches.RLHF_FIXES + patches.RLHF_CPU_PATCHES + patches.TOKEN_MEAN_LOSS)
 RLHF = {p.target for p in patches.RLHF_FIXES + patches.RLHF_CPU_PATCHES}
 
 
@@ -223,3 +223,37 @@ def test_critic_state_copies_work_without_pinned_memory_and_equal_the_model():
     assert all(torch.equal(copy[k], v) and copy[k].data_ptr() != v.data_ptr() for k, v in model.state_dict().items())
     again = patch.make(original)(model, copy, megatron_amp_O2=False, sync=False)  # reuses the buffers
     assert again["weight"].data_ptr() == copy["weight"].data_ptr()
+
+
+def _original(target):
+    patch = next(p for p in ALL if p.target == target)
+    return patches._APPLIED.get(target, patch.resolve())[2], patch
+
+
+def test_torch_norm_still_refuses_sequence_parallel_and_the_patch_tags_it_like_apex():
+    from types import SimpleNamespace
+
+    import torch
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    original, patch = _original("megatron.core.transformer.torch_norm:WrappedTorchNorm.__new__")
+    config = SimpleNamespace(layernorm_zero_centered_gamma=False, persist_layer_norm=False, sequence_parallel=True,
+                             memory_efficient_layer_norm=False, normalization="RMSNorm")
+    with pytest.raises(AssertionError, match="sequence parallel not supported"):
+        original(WrappedTorchNorm, config, 8)
+    norm = patch.make(original).__func__(WrappedTorchNorm, config, 8)
+    assert isinstance(norm, torch.nn.RMSNorm) and config.sequence_parallel is True  # config given back as it was
+    assert [getattr(p, "sequence_parallel", None) for p in norm.parameters()] == [True]
+
+
+def test_global_token_loss_divides_by_the_tokens_per_micro_batch_of_the_whole_batch():
+    import torch
+
+    original, patch = _original("nemo.collections.nlp.models.language_modeling.megatron_gpt_model:"
+                                "MegatronGPTModel.loss_func")
+    loss_func = patch.make(original)
+    mask, per_token = torch.tensor([[1.0, 1.0, 0.0, 1.0]]), torch.tensor([[2.0, 4.0, 100.0, 6.0]])
+    model = type("M", (), {})()
+    assert float(loss_func(model, mask, mask.sum(), per_token)) == pytest.approx(4.0)  # NeMo's: its own mean
+    model._nemo_ft_tokens_per_ub = 6.0  # e.g. 24 loss tokens in the global batch, 4 micro batches
+    assert float(loss_func(model, mask, mask.sum(), per_token)) == pytest.approx(12.0 / 6.0)

@@ -14,7 +14,8 @@ GOLDEN = Path(__file__).parent / "golden"
 # Keys added or changed on purpose since the golden files were written: {key: value}.
 ADDED = {"run.trust_checkpoint": False,  # #9: accept a trusted .nemo's pickles
          "model.hidden_size": 128, "model.ffn_hidden_size": 344}  # #10: the tiny base rebuilt at head_dim 32
-ADDED_TO = {"sft_lora": {"run.allow_repeat": False}}  # #13: refuse data smaller than one batch unless told
+ADDED_TO = {"sft_lora": {"run.allow_repeat": False,  # #13: refuse data smaller than one batch unless told
+                         "run.loss_per_token": True}}  # #13: one loss for any DP/accumulation
 
 
 def flat(d, prefix=""):
