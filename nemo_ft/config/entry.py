@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import os
 import sys
 from typing import Callable, Iterable
 
@@ -137,6 +138,17 @@ def check_overrides(config_name: str, argv: list[str]) -> list[ConfigError]:
     return errors
 
 
+# What torch.distributed raises on a rank whose peer died (kill -9, OOM kill, a lost node): gloo sees
+# the socket close at once; NCCL's watchdog aborts the communicator at the process group's timeout.
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+              "NCCL communicator was aborted", "Watchdog caught collective operation timeout",
+              "ProcessGroupNCCL's watchdog", "Socket Timeout")
+
+
+def lost_peer(err: BaseException) -> bool:
+    return any(s in str(err) for s in _PEER_LOST)
+
+
 def stage_main(stage: str, config_name: str) -> Callable:
     """Decorate `fn(cfg)` as the stage's entry point (`python -m nemo_ft.stages.<stage>`)."""
     def wrap(fn):
@@ -163,6 +175,14 @@ def stage_main(stage: str, config_name: str) -> Callable:
                     fail(stage, [err])
                 except InputError as err:
                     fail(stage, [err], started=True)
+                except RuntimeError as err:
+                    if not lost_peer(err):
+                        raise
+                    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                    print(f"nemo-ft {stage}: rank {os.environ.get('RANK', '0')} lost another process of this job "
+                          f"({first[:300]}); stopping. Checkpoints already written are kept: rerun the same "
+                          f"command to resume from the newest complete one.", file=sys.stderr, flush=True)
+                    sys.exit(1)
             return _run()
         return main
     return wrap

@@ -5,15 +5,19 @@ Every run is the same 6 steps: micro batch 2, global batch 8 (accumulation 4 in 
 DP=2), validation at steps 3 and 6, fp32 on CPU. Tolerance as in test_sft: losses within 1e-4
 absolute, grad norms within 1e-4 relative (measured differences are ~1e-6, fp32 summation order).
 """
+import subprocess
+import sys
+import time
+
 import pytest
 
 from nemo_ft.nemo_archive import adapter_tensors
-from tests.conftest import read_metrics, run_stage
+from tests.conftest import REPO, _free_port, read_metrics, run_stage, stage_env, trained_past
 
 pytestmark = pytest.mark.e2e
 
-SHORT = ("trainer.enable_progress_bar=false", "trainer.max_steps=6", "trainer.val_check_interval=3",
-         "model.micro_batch_size=2", "model.global_batch_size=8")
+BATCH = ("trainer.enable_progress_bar=false", "model.micro_batch_size=2", "model.global_batch_size=8")
+SHORT = (*BATCH, "trainer.max_steps=6", "trainer.val_check_interval=3")
 TOL = 1e-4
 
 
@@ -22,10 +26,10 @@ def _sft(run_dir, *overrides, nproc=1):
     return run_dir
 
 
-def assert_same_curve(a, b):
+def assert_same_curve(a, b, steps=6, every=3):
     (ta, va), (tb, vb) = read_metrics(a), read_metrics(b)
-    assert [r["step"] for r in ta] == [r["step"] for r in tb] == list(range(1, 7))
-    assert [r["step"] for r in va] == [r["step"] for r in vb] == [3, 6]
+    assert [r["step"] for r in ta] == [r["step"] for r in tb] == list(range(1, steps + 1))
+    assert [r["step"] for r in va] == [r["step"] for r in vb] == list(range(every, steps + 1, every))
     for x, y in zip(ta, tb):
         assert y["reduced_train_loss"] == pytest.approx(x["reduced_train_loss"], abs=TOL), x["step"]
         assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=TOL), x["step"]
@@ -80,3 +84,40 @@ def test_activation_checkpointing_trains_the_one_process_curve(one_process, tmp_
     assert_same_curve(one_process, _sft(tmp_path, f"model.activations_checkpoint_granularity={granularity}",
                                         f"model.activations_checkpoint_method={method or 'null'}",
                                         f"model.activations_checkpoint_num_layers={layers or 'null'}"))
+
+
+def test_a_rank_killed_mid_run_stops_its_peer_in_seconds_and_the_rerun_continues_the_curve(tmp_path_factory, tmp_path):
+    """kill -9 of one rank of two started by hand (no torchrun or srun --kill-on-bad-exit to stop the
+    other): the survivor ends within seconds with a message that says what happened, not a hang in a
+    collective; the same command then resumes from the newest complete checkpoint onto the curve one
+    uninterrupted process trains."""
+    steps = (*BATCH, "trainer.max_steps=40", "trainer.val_check_interval=10")  # checkpoints at 10, 20, 30
+    reference = tmp_path_factory.mktemp("uninterrupted")
+    run_stage("sft", f"run.dir={reference}", *steps)
+    run_dir, port, procs = tmp_path / "run", _free_port(), []
+    cmd = [sys.executable, "-m", "nemo_ft.stages.sft", f"run.dir={run_dir}", *steps, "trainer.devices=2"]
+    for rank in (0, 1):
+        env = {**stage_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        with open(tmp_path / f"rank{rank}.log", "w") as log:
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+    try:
+        ready, deadline = trained_past(run_dir, 12), time.monotonic() + 300
+        while time.monotonic() < deadline and not ready() and all(p.poll() is None for p in procs):
+            time.sleep(0.05)
+        assert ready() and all(p.poll() is None for p in procs), (tmp_path / "rank0.log").read_text()[-3000:]
+        procs[1].kill()
+        t0 = time.monotonic()
+        rc = procs[0].wait(timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    out = (tmp_path / "rank0.log").read_text()
+    assert rc == 1 and took < 30, (rc, took, out[-3000:])  # measured: 3 s
+    assert "rank 0 lost another process of this job (" in out and "rerun the same command" in out, out[-3000:]
+    assert not (run_dir / "adapter.nemo").exists() and not (run_dir / "manifest.json").exists()
+
+    run_stage("sft", f"run.dir={run_dir}", *steps, "trainer.devices=2", nproc=2)
+    assert_same_curve(reference, run_dir, steps=40, every=10)
