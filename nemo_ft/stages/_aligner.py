@@ -187,12 +187,14 @@ class Loop:
     state: Optional[dict]  # the trainer state of a resumed run
 
 
-def preemptible_timer(cfg: DictConfig):
-    """Aligner's run Timer (exp_manager.max_time_per_run), which also runs out when SIGUSR1 arrives (what
-    slurm/_launch.sh passes on from `#SBATCH --signal=B:USR1@T`): Aligner's loops then do what they do at
-    their time limit, save a checkpoint at the step boundary and stop; the stage raises Preempted (exit 75)
-    and slurm/_launch.sh requeues the job. Only rank 0's timer counts (Aligner broadcasts it), so every
-    rank stops at the same step. The handler only sets a flag."""
+def preemptible_timer(cfg: DictConfig, signals=("SIGUSR1",)):
+    """Aligner's run Timer (exp_manager.max_time_per_run), which also runs out when one of `signals`
+    arrives (SIGUSR1: what slurm/_launch.sh passes on from `#SBATCH --signal=B:USR1@T`; SIGTERM: scancel,
+    a preemption, Kubernetes): Aligner's loops then do what they do at their time limit, save a checkpoint
+    at the step boundary and stop; the stage raises Preempted (exit 75) and slurm/_launch.sh requeues the
+    job. Only rank 0's timer counts (Aligner broadcasts it), so every rank stops at the same step. The
+    handler only sets a flag. DPO and RM take both signals; the RLHF actors keep SIGTERM for "stop now"
+    (their reward/critic server is stopped with them)."""
     import signal
 
     from nemo_aligner.utils.distributed import Timer
@@ -203,7 +205,8 @@ def preemptible_timer(cfg: DictConfig):
         def start_time(self):
             def on_signal(signum, frame):
                 self.received = signal.Signals(signum).name
-            signal.signal(signal.SIGUSR1, on_signal)
+            for name in signals:
+                signal.signal(getattr(signal, name), on_signal)
             super().start_time()
 
         def get_time_remaining(self):
@@ -213,7 +216,7 @@ def preemptible_timer(cfg: DictConfig):
 
 
 def check_preempted(run, timer, step: int) -> None:
-    """After an Aligner loop returned: stopped by SIGUSR1 (preemptible_timer)? Then Preempted, exit 75."""
+    """After an Aligner loop returned: stopped by a signal (preemptible_timer)? Then Preempted, exit 75."""
     if getattr(timer, "received", None):
         import torch.distributed as dist
 
@@ -263,7 +266,7 @@ def setup_loop(run, model, build_datasets, train_random: bool = True, val_random
     return Loop(train_ds=train_ds, train_dl=train_dl, val_dl=val_dl, optimizer=optimizer, scheduler=scheduler,
                 logger=CustomLoggerWrapper(list(run.trainer.loggers) + [jsonl_logger(run.metrics, run.rank0)]),
                 ckpt_callback=add_custom_checkpoint_callback(run.trainer, model),
-                run_timer=preemptible_timer(cfg), state=state)
+                run_timer=preemptible_timer(cfg, ("SIGUSR1", "SIGTERM")), state=state)
 
 
 def plot_panels(metrics: Path, out: Path, title: str, panels: list) -> Path:

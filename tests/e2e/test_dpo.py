@@ -107,18 +107,21 @@ def test_aligners_failure_modes_are_refused_up_front(lookup_pipeline, prefs, tmp
     assert not (tmp_path / "run" / "nemo").exists()
 
 
-def test_sigusr1_checkpoints_at_the_step_and_the_rerun_continues_the_curve(lookup_pipeline, prefs, dpo_run, tmp_path):
-    """SLURM's --signal=B:USR1@T (passed on by slurm/_launch.sh) reaches a running DPO job: Aligner's loop
-    saves at the step boundary as at its time limit, the stage exits 75 with no adapter, and the same
-    command again ends on the uninterrupted run's curve (dpo_run: the same config, never stopped)."""
+@pytest.mark.parametrize("sig", ["SIGUSR1", "SIGTERM"])
+def test_a_signal_checkpoints_at_the_step_and_the_rerun_continues_the_curve(lookup_pipeline, prefs, dpo_run, tmp_path,
+                                                                            sig):
+    """SLURM's --signal=B:USR1@T (passed on by slurm/_launch.sh) or a SIGTERM (scancel, preemption) reaches
+    a running DPO job: Aligner's loop saves at the step boundary as at its time limit, the stage exits 75
+    with no adapter, and the same command again ends on the uninterrupted run's curve (dpo_run: the same
+    config, never stopped). RM runs the same loop setup (_aligner.setup_loop)."""
     from tests.conftest import signal_mid_run, trained_past
 
     args = [f"from_run={lookup_pipeline / 'sft'}", f"data_dir={prefs}", f"run.dir={tmp_path / 'run'}", *FAST,
             "trainer.dpo.max_steps=20"]
-    code, out, _ = signal_mid_run("dpo", *args, ready=trained_past(tmp_path / "run", 3), sig="SIGUSR1",
+    code, out, _ = signal_mid_run("dpo", *args, ready=trained_past(tmp_path / "run", 3), sig=sig,
                                   log=tmp_path / "first.log")
     assert code == 75, out[-3000:]
-    stopped = int(out.split("stopped by SIGUSR1 after step ")[1].split(";")[0])
+    stopped = int(out.split(f"stopped by {sig} after step ")[1].split(";")[0])
     assert 3 <= stopped < 20 and not (tmp_path / "run" / "adapter.nemo").exists()
     assert read_metrics(tmp_path / "run")[0][-1]["step"] <= stopped
     run_stage("dpo", *args)

@@ -1,0 +1,165 @@
+"""`nemo-ft sft` against a bare script that drives NeMo the way megatron_gpt_finetuning.py does.
+
+    OMP_NUM_THREADS=1 PATH=.venv/bin:$PATH .venv/bin/python benchmarks/stage_overhead.py [--steps 300] [--rounds 3]
+
+Same base (the shipped tiny model), data, composed config, steps and threads, one process each,
+the two alternated `--rounds` times in one run. The bare side (this file with `--bare`) does what
+NeMo's example script does: MegatronLMPPTrainerBuilder + exp_manager, MegatronGPTSFTModel
+.merge_cfg_with + restore_from, add_adapter(LoraPEFTConfig), trainer.fit, save_to. On a CPU it
+needs nemo_ft.runtime's NEMO_FIXES and CPU_PATCHES to run at all, so it gets those (and the
+process-group setup); it gets none of the stage's: config validation, data/input checks, the
+memory planner and probe, the preemption and metrics callbacks, the adapter-file check, the
+frozen/trained digests, the manifest hashes, the loss plot, nor TOKEN_MEAN_LOSS (its per-step
+all-reduce is part of what is measured: the bare side runs NeMo's own loss). Both sides log at the
+stage's level (NeMo at WARNING, Python warnings ignored), which is not what is measured.
+
+Step time: both sides take time.perf_counter() at Lightning's on_train_batch_end (the stage's
+metrics.jsonl `time_s`; the bare side's own callback, the same definition); steps/s = 1 / the
+median step interval after 10 warm-up steps. Wall: the process from start to exit. The two sides
+of a round run at the same time, each pinned to its own core, cores swapped every round (this is a
+shared VM: run one after the other, every other run was ~20% slower whichever side it was), and the
+overhead is the median of the rounds' ratios.
+Written to benchmarks/results/stage_overhead.md.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+WARMUP = 10
+
+
+def overrides(run_dir: Path, steps: int) -> list[str]:
+    return [f"run.dir={run_dir}", f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps // 3}",
+            "trainer.enable_progress_bar=false"]
+
+
+def bare(run_dir: Path, steps: int) -> None:
+    """NeMo's megatron_gpt_finetuning.py on the stage's composed config."""
+    import lightning.pytorch as pl
+    from hydra import compose, initialize_config_dir
+
+    from nemo_ft import runtime
+    from nemo_ft.config.validate import fill_defaults
+    from nemo_ft.paths import CONF_DIR
+    from nemo_ft.stages.lifecycle import nemo_model_cfg, quiet_nemo
+
+    import nemo_ft.config  # noqa: F401  (the ${repo:} resolver the configs use)
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose("sft_lora", overrides=[*overrides(run_dir, steps), "run.loss_per_token=false"])
+    fill_defaults(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    quiet_nemo()  # the stage's log level (NeMo at WARNING, Python warnings off) on both sides: not what is measured
+    runtime.prepare(cfg)
+    nemo = nemo_model_cfg(cfg)
+
+    from nemo.collections.nlp.models.language_modeling.megatron_gpt_sft_model import MegatronGPTSFTModel
+    from nemo.collections.nlp.parts.megatron_trainer_builder import MegatronLMPPTrainerBuilder
+    from nemo.collections.nlp.parts.nlp_overrides import NLPSaveRestoreConnector
+    from nemo.collections.nlp.parts.peft_config import PEFT_CONFIG_MAP
+    from nemo.utils.exp_manager import exp_manager
+
+    times = []
+
+    class StepTimes(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            times.append(time.perf_counter())
+
+    trainer = MegatronLMPPTrainerBuilder(nemo).create_trainer(callbacks=[StepTimes()])
+    exp_manager(trainer, nemo.exp_manager)
+    path = str(cfg.model.restore_from_path)
+    model_cfg = MegatronGPTSFTModel.merge_cfg_with(path, nemo)
+    model = MegatronGPTSFTModel.restore_from(path, model_cfg, trainer=trainer,
+                                             save_restore_connector=NLPSaveRestoreConnector())
+    runtime.sync_app_state()
+    model.add_adapter(PEFT_CONFIG_MAP["lora"](model_cfg))
+    trainer.fit(model)
+    model.save_to(str(run_dir / "adapter.nemo"))
+    (run_dir / "times.json").write_text(json.dumps(times))
+
+
+def steps_per_s(times: list[float]) -> float:
+    """1 / the median step interval after the warm-up: the validation steps and a noisy neighbour's
+    moments (a shared VM) move a mean, not the median."""
+    t = times[WARMUP:]
+    return 1 / statistics.median(b - a for a, b in zip(t, t[1:]))
+
+
+def side_by_side(cmds: dict, swap: bool) -> dict:
+    """Start both sides at once, each pinned to a core of its own (each runs one thread), the cores
+    swapped every other round: whatever else the machine does in that minute slows both alike, and
+    neither keeps the busier core. Returns {side: wall seconds}."""
+    cores = sorted(os.sched_getaffinity(0))
+    procs, logs = {}, {}
+    for i, (side, cmd) in enumerate(cmds.items()):
+        core = {cores[(i + swap) % len(cores)]}
+        logs[side] = tempfile.TemporaryFile(mode="w+")
+        procs[side] = (subprocess.Popen(cmd, cwd=REPO, stdout=logs[side], stderr=subprocess.STDOUT,
+                                        preexec_fn=lambda core=core: os.sched_setaffinity(0, core)), time.perf_counter())
+    walls = {}
+    while len(walls) < len(procs):
+        for side, (proc, t0) in procs.items():
+            if side not in walls and proc.poll() is not None:
+                walls[side] = time.perf_counter() - t0
+                if proc.returncode:
+                    logs[side].seek(0)
+                    sys.exit(f"failed: {' '.join(cmds[side])}\n{logs[side].read()[-4000:]}")
+        time.sleep(0.05)
+    return walls
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--bare", help=argparse.SUPPRESS)  # run dir: the bare side, in its own process
+    ap.add_argument("--out", default=str(REPO / "benchmarks/results/stage_overhead.md"))
+    args = ap.parse_args()
+    if args.bare:
+        return bare(Path(args.bare), args.steps)
+    py, rows = sys.executable, {"nemo-ft sft": [], "bare NeMo script": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            ours, bare_dir = Path(tmp) / f"nemo-ft_{r}", Path(tmp) / f"bare_{r}"
+            walls = side_by_side({"nemo-ft sft": [py, "-m", "nemo_ft.stages.sft", *overrides(ours, args.steps)],
+                                  "bare NeMo script": [py, __file__, "--bare", str(bare_dir), "--steps", str(args.steps)]},
+                                 swap=bool(r % 2))
+            times = {"nemo-ft sft": [json.loads(line)["time_s"] for line in (ours / "metrics.jsonl").read_text().splitlines()
+                                     if '"kind": "train"' in line],
+                     "bare NeMo script": json.loads((bare_dir / "times.json").read_text())}
+            for side in rows:
+                assert len(times[side]) == args.steps, (side, len(times[side]))
+                rows[side].append((steps_per_s(times[side]), walls[side]))
+                print(f"round {r + 1} {side}: {rows[side][-1][0]:.2f} steps/s, {walls[side]:.1f} s wall", flush=True)
+    import torch
+    keys = list(rows)
+    step_ratio = statistics.median(rows[keys[1]][r][0] / rows[keys[0]][r][0] for r in range(args.rounds))
+    wall_ratio = statistics.median(rows[keys[0]][r][1] / rows[keys[1]][r][1] for r in range(args.rounds))
+    wall_diff = statistics.median(rows[keys[0]][r][1] - rows[keys[1]][r][1] for r in range(args.rounds))
+    lines = [f"# `nemo-ft sft` vs a bare NeMo script (megatron_gpt_finetuning.py's calls)\n",
+             f"CPU ({os.cpu_count()} cores, a shared VM), torch {torch.__version__}, OMP_NUM_THREADS=1; the shipped "
+             f"tiny base (hidden 128, 2 layers), LoRA on attention_qkv, micro batch 4, global batch 8, {args.steps} "
+             f"steps, validation every {args.steps // 3}; steps/s = 1 / median step interval after {WARMUP} warm-up "
+             f"steps; {args.rounds} rounds, the two sides at the same time, one pinned core each, cores swapped "
+             "every round. The tiny model's step "
+             "is ~all overhead (~40 ms), so this is the worst case for the stage's share.\n",
+             "| side | steps/s, each round | wall s, each round |", "|---|---|---|"]
+    for k, v in rows.items():
+        lines.append(f"| {k} | {', '.join(f'{s:.2f}' for s, _ in v)} | {', '.join(f'{w:.1f}' for _, w in v)} |")
+    lines += ["", f"Training-loop overhead of the stage (median of the rounds' ratios): {100 * (step_ratio - 1):+.1f}% "
+              f"time per step (goal: <= 3%). Whole process: {100 * (wall_ratio - 1):+.1f}% wall ({wall_diff:+.1f} s: "
+              "validation, planner, data checks, adapter check, manifest hashes, plot)."]
+    out = Path(args.out)
+    out.write_text("\n".join(lines) + "\n")
+    print(out.read_text())
+
+
+if __name__ == "__main__":
+    main()
