@@ -460,7 +460,6 @@ NEMO_FIXES = [
 ]
 
 
-
 # --------------------------------------------------------------------------- token-mean loss
 # NeMo's SFT loss for a step is the mean over micro batches of each micro batch's own token mean
 # (megatron_gpt_model loss_func divides by the micro batch's loss tokens; Megatron's schedule divides
