@@ -370,7 +370,6 @@ def _adapter_sp_without_te(original):
     # (PackageNotFoundError without TE) to decide whether TE's fused norm+linear already gathered
     # its input (TE >= 1.5). Without TE nothing gathered it, which is what NeMo does below TE 1.5:
     # the adapter gathers the sequence itself. So the version reads as "0" here, during __init__ only.
-    import contextlib
     import importlib.metadata as metadata
 
     @contextlib.contextmanager

@@ -143,8 +143,7 @@ def test_a_signal_while_it_starts_stops_cleanly(lookup_export, tmp_path, sig):
     import subprocess
 
     from tests.serve.conftest import alive, tree
-    if importlib.util.find_spec("pytriton") is None:
-        pytest.skip("needs PyTriton in this venv (make serve-env)")
+    assert importlib.util.find_spec("pytriton"), "PyTriton is missing from .venv: `make install` installs it"
     run_dir = tmp_path / "r"
     proc = subprocess.Popen(serve_args("triton", lookup_export, _free_port(), run_dir), cwd=REPO, env=stage_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
