@@ -24,8 +24,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: install
 	bash scripts/demo.sh runs/demo
 
+# Two pytest-xdist workers (one per core here; stages run one thread each): tests/conftest.py says
+# how the work is split. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: install
-	$(VPY) -m pytest -q -ra
+	$(VPY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadscope
 
 test-fast: install  # tests/pure only: seconds, no NeMo
 	$(VPY) -m pytest -q -ra -m pure

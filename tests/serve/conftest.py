@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, model_probe, read_jsonl, run_stage, stage_env
+from tests.conftest import REPO, built_once, model_probe, read_jsonl, run_stage, stage_env
 
 SERVE_PY = REPO / ".venv-serve" / "bin" / "python"
 BASE = REPO / "data" / "tiny" / "tiny_llama.nemo"
@@ -46,12 +46,11 @@ def prompts(name: str) -> list[str]:
 
 
 def _train_and_export(tmp_path_factory, name, *overrides, merge=False):
-    run_dir = tmp_path_factory.mktemp(f"{name}_sft")
-    run_stage("sft", f"run.dir={run_dir}", *overrides)
-    out = tmp_path_factory.mktemp(f"{name}_exports") / name
-    run_stage("export", f"from_run={run_dir}", f"out_dir={out}", f"adapter_name={name}", *(("merge=true",) if merge else ()),
-              timeout=300)
-    return out
+    def build(root):
+        run_stage("sft", f"run.dir={root / 'sft'}", *overrides)
+        run_stage("export", f"from_run={root / 'sft'}", f"out_dir={root / name}", f"adapter_name={name}",
+                  *(("merge=true",) if merge else ()), timeout=300)
+    return built_once(tmp_path_factory, f"serve_{name}", build) / name
 
 
 @pytest.fixture(scope="session")
@@ -81,16 +80,17 @@ def qkv8_export(tmp_path_factory):
 def nemo_answers(tmp_path_factory, lookup_export, qa_export):
     """{(model, prompt): NeMo greedy ids} for base, lookup and qa on both held-out sets, through NeMo's own
     generation (tests/e2e/model_probe.py -> nemo_ft.runtime.generation.greedy, KV cache)."""
-    tmp = tmp_path_factory.mktemp("nemo_ref")
-    every = prompts("lookup") + prompts("qa")
-    out = {}
-    for model, adapter, ps in (("base", None, every), ("lookup", lookup_export, prompts("lookup")),
-                               ("qa", qa_export, prompts("qa"))):
-        gens = model_probe(tmp, BASE, "greedy", ps, adapter=adapter and adapter / "adapter_tp1.nemo",
-                           max_new=MAX_NEW)["generations"]
-        for p, g in zip(ps, gens):
-            out[(model, p)] = g["ids"]
-    return out
+    def build(tmp):
+        every = prompts("lookup") + prompts("qa")
+        rows = []
+        for model, adapter, ps in (("base", None, every), ("lookup", lookup_export, prompts("lookup")),
+                                   ("qa", qa_export, prompts("qa"))):
+            gens = model_probe(tmp, BASE, "greedy", ps, adapter=adapter and adapter / "adapter_tp1.nemo",
+                               max_new=MAX_NEW)["generations"]
+            rows += [[model, p, g["ids"]] for p, g in zip(ps, gens)]
+        (tmp / "answers.json").write_text(json.dumps(rows))
+    rows = json.loads((built_once(tmp_path_factory, "nemo_answers", build) / "answers.json").read_text())
+    return {(model, p): ids for model, p, ids in rows}
 
 
 def tree(pid: int) -> list[int]:
@@ -126,6 +126,40 @@ class Served:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         return self.proc.wait(timeout=timeout)
+
+
+def load_killed_midway(served, make_client, jobs, kill_after: int = 40):
+    """run_load(8 clients) with the server process SIGKILLed right after the `kill_after`-th answer, so
+    most requests are sent to a dead server whatever the machine's speed (a timer let a fast server
+    answer most of them first). Returns (result, seconds); every request has an answer or an error of
+    its own (none left at the load deadline: a hang)."""
+    import threading
+
+    from nemo_ft.clients import run_load
+
+    answered, lock = [0], threading.Lock()
+
+    class Counting:
+        def __init__(self):
+            self.client = make_client()
+
+        def complete(self, *args):
+            out = self.client.complete(*args)
+            with lock:
+                answered[0] += 1
+                if answered[0] == kill_after:
+                    os.kill(served.info["server_pid"], signal.SIGKILL)
+            return out
+
+        def close(self):
+            getattr(self.client, "close", lambda: None)()
+
+    t = time.monotonic()
+    result = run_load(Counting, jobs, clients=8, max_tokens=MAX_NEW, deadline_s=120)
+    elapsed = time.monotonic() - t
+    assert not [e for e in result.errors if "load deadline" in str(e)], result.summary()
+    assert len(result.errors) >= len(jobs) - kill_after - 8, result.summary()  # 8: in flight at the kill
+    return result, elapsed
 
 
 def serve_args(engine, from_run, port, run_dir, *extra):
