@@ -81,7 +81,7 @@ def test_child_server_stop_ends_the_whole_tree_even_when_it_ignores_sigterm(tmp_
     # SIGTERM was ignored: the leader (killpg) and the one outside the group needed SIGKILL. The group's
     # other members die with the killpg, so whether they are listed as killed again is a race.
     assert outside and report["left"] == [] and {server.proc.pid, *outside} <= set(report["killed"]), report
-    assert not [p for p in server.seen if servers.alive(p)]
+    assert not server._alive()
 
 
 def test_child_server_stop_finds_workers_whose_server_was_killed(tmp_path):
@@ -93,7 +93,7 @@ def test_child_server_stop_finds_workers_whose_server_was_killed(tmp_path):
     time.sleep(0.2)
     assert server.died() == "exited with code -9"
     report = server.stop(timeout_s=2.0)
-    assert report["left"] == [] and not [p for p in server.seen if servers.alive(p)]
+    assert report["left"] == [] and not server._alive()
 
 
 def test_wait_ready_reports_the_servers_own_log_when_it_dies(tmp_path):

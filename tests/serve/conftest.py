@@ -93,14 +93,17 @@ def nemo_answers(tmp_path_factory, lookup_export, qa_export):
     return {(model, p): ids for model, p, ids in rows}
 
 
-def tree(pid: int) -> list[int]:
-    from nemo_ft.runtime.servers import descendants
-    return [pid] + descendants(pid)
+def tree(pid: int) -> list[tuple]:
+    """(pid, start time) of pid and every live process below it: with its start time a pid names one
+    process, so one that ended and whose number was reused (pid_max is 32768 here, and a parallel test
+    run spawns thousands) is neither reported as left behind nor killed."""
+    from nemo_ft.runtime.servers import descendants, start_time
+    return [(p, start_time(p)) for p in [pid] + descendants(pid)]
 
 
-def alive(pids) -> list[int]:
+def alive(procs) -> list[int]:
     from nemo_ft.runtime.servers import alive as is_alive
-    return [p for p in pids if is_alive(p)]
+    return [p for p, started in procs if started is not None and is_alive(p, started)]
 
 
 class Served:
