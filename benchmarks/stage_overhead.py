@@ -19,7 +19,11 @@ median step interval after 10 warm-up steps. Wall: the process from start to exi
 of a round run at the same time, each pinned to its own core, cores swapped every round (this is a
 shared VM: run one after the other, every other run was ~20% slower whichever side it was), and the
 overhead is the median of the rounds' ratios.
-Written to benchmarks/results/stage_overhead.md.
+
+Time on this VM is noisy; two numbers are not: Python calls per training step of each side
+(cProfile's count over a 200-step run minus a 100-step one: the same per-step work gives the same
+count), and `--control`, the stage against itself in the same harness (what two identical sides
+show here). Written to benchmarks/results/stage_overhead.md (--control: stage_overhead_control.md).
 """
 import argparse
 import json
@@ -115,48 +119,95 @@ def side_by_side(cmds: dict, swap: bool) -> dict:
     return walls
 
 
+def stage_side(py: str, extra=()):
+    def cmd(run_dir: Path, steps: int, prefix=()):
+        return [py, *prefix, "-m", "nemo_ft.stages.sft", *overrides(run_dir, steps), *extra]
+
+    def times(run_dir: Path):
+        return [json.loads(line)["time_s"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                if '"kind": "train"' in line]
+    return cmd, times
+
+
+def bare_side(py: str):
+    def cmd(run_dir: Path, steps: int, prefix=()):
+        return [py, *prefix, __file__, "--bare", str(run_dir), "--steps", str(steps)]
+    return cmd, lambda run_dir: json.loads((run_dir / "times.json").read_text())
+
+
+def python_calls_per_step(sides: dict, steps: int, tmp: Path) -> dict:
+    """Python function calls per training step, each side: cProfile's total call count of a run of
+    2*steps minus one of `steps`, divided by `steps` (start-up, the 3 validations and the save cancel
+    out). Deterministic, unlike time on a shared VM: equal counts mean the same work per step."""
+    import pstats
+
+    totals = {}
+    for n in (steps, 2 * steps):
+        cmds = {side: cmd(tmp / f"calls_{i}_{n}", n, ("-m", "cProfile", "-o", str(tmp / f"calls_{i}_{n}.prof")))
+                for i, (side, (cmd, _)) in enumerate(sides.items())}
+        side_by_side(cmds, swap=False)
+        for i, side in enumerate(sides):
+            stats = pstats.Stats(str(tmp / f"calls_{i}_{n}.prof")).stats
+            totals[side, n] = sum(v[1] for v in stats.values())
+    return {side: (totals[side, 2 * steps] - totals[side, steps]) / steps for side in sides}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--control", action="store_true",
+                    help="the stage against itself: what the harness shows for two identical sides")
+    ap.add_argument("--stage-override", action="append", default=[], metavar="KEY=VALUE",
+                    help="an extra Hydra override for the stage's side (to find what costs what)")
     ap.add_argument("--bare", help=argparse.SUPPRESS)  # run dir: the bare side, in its own process
-    ap.add_argument("--out", default=str(REPO / "benchmarks/results/stage_overhead.md"))
+    ap.add_argument("--calls", type=int, default=100, help="steps of the call count's shorter run (0: no count)")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.bare:
         return bare(Path(args.bare), args.steps)
-    py, rows = sys.executable, {"nemo-ft sft": [], "bare NeMo script": []}
+    py = sys.executable
+    sides = ({"nemo-ft sft (A)": stage_side(py), "nemo-ft sft (B)": stage_side(py)} if args.control else
+             {"nemo-ft sft" + "".join(f" {o}" for o in args.stage_override): stage_side(py, args.stage_override),
+              "bare NeMo script": bare_side(py)})
+    out = Path(args.out or REPO / f"benchmarks/results/stage_overhead{'_control' if args.control else ''}.md")
+    rows = {side: [] for side in sides}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            ours, bare_dir = Path(tmp) / f"nemo-ft_{r}", Path(tmp) / f"bare_{r}"
-            walls = side_by_side({"nemo-ft sft": [py, "-m", "nemo_ft.stages.sft", *overrides(ours, args.steps)],
-                                  "bare NeMo script": [py, __file__, "--bare", str(bare_dir), "--steps", str(args.steps)]},
+            dirs = {side: Path(tmp) / f"{i}_{r}" for i, side in enumerate(sides)}
+            walls = side_by_side({side: cmd(dirs[side], args.steps) for side, (cmd, _) in sides.items()},
                                  swap=bool(r % 2))
-            times = {"nemo-ft sft": [json.loads(line)["time_s"] for line in (ours / "metrics.jsonl").read_text().splitlines()
-                                     if '"kind": "train"' in line],
-                     "bare NeMo script": json.loads((bare_dir / "times.json").read_text())}
-            for side in rows:
-                assert len(times[side]) == args.steps, (side, len(times[side]))
-                rows[side].append((steps_per_s(times[side]), walls[side]))
+            for side, (_, times) in sides.items():
+                t = times(dirs[side])
+                assert len(t) == args.steps, (side, len(t))
+                rows[side].append((steps_per_s(t), walls[side]))
                 print(f"round {r + 1} {side}: {rows[side][-1][0]:.2f} steps/s, {walls[side]:.1f} s wall", flush=True)
+        calls = python_calls_per_step(sides, args.calls, Path(tmp)) if args.calls else {side: float('nan') for side in sides}
     import torch
     keys = list(rows)
     step_ratio = statistics.median(rows[keys[1]][r][0] / rows[keys[0]][r][0] for r in range(args.rounds))
     wall_ratio = statistics.median(rows[keys[0]][r][1] / rows[keys[1]][r][1] for r in range(args.rounds))
     wall_diff = statistics.median(rows[keys[0]][r][1] - rows[keys[1]][r][1] for r in range(args.rounds))
-    lines = [f"# `nemo-ft sft` vs a bare NeMo script (megatron_gpt_finetuning.py's calls)\n",
+    title = ("the harness's control: `nemo-ft sft` against itself" if args.control else
+             "`nemo-ft sft` vs a bare NeMo script (megatron_gpt_finetuning.py's calls)")
+    lines = [f"# {title}\n",
              f"CPU ({os.cpu_count()} cores, a shared VM), torch {torch.__version__}, OMP_NUM_THREADS=1; the shipped "
              f"tiny base (hidden 128, 2 layers), LoRA on attention_qkv, micro batch 4, global batch 8, {args.steps} "
              f"steps, validation every {args.steps // 3}; steps/s = 1 / median step interval after {WARMUP} warm-up "
              f"steps; {args.rounds} rounds, the two sides at the same time, one pinned core each, cores swapped "
              "every round. The tiny model's step "
-             "is ~all overhead (~40 ms), so this is the worst case for the stage's share.\n",
-             "| side | steps/s, each round | wall s, each round |", "|---|---|---|"]
+             "is ~all overhead (~40 ms), so this is the worst case for the stage's share. Python calls per "
+             f"step: cProfile's count, ({2 * args.calls}-step run - {args.calls}-step run) / {args.calls}.\n",
+             "| side | steps/s, each round | wall s, each round | Python calls per step |", "|---|---|---|---|"]
     for k, v in rows.items():
-        lines.append(f"| {k} | {', '.join(f'{s:.2f}' for s, _ in v)} | {', '.join(f'{w:.1f}' for _, w in v)} |")
-    lines += ["", f"Training-loop overhead of the stage (median of the rounds' ratios): {100 * (step_ratio - 1):+.1f}% "
-              f"time per step (goal: <= 3%). Whole process: {100 * (wall_ratio - 1):+.1f}% wall ({wall_diff:+.1f} s: "
-              "validation, planner, data checks, adapter check, manifest hashes, plot)."]
-    out = Path(args.out)
+        lines.append(f"| {k} | {', '.join(f'{s:.2f}' for s, _ in v)} | {', '.join(f'{w:.1f}' for _, w in v)} "
+                     f"| {calls[k]:.0f} |")
+    lines += ["", f"Time per step, {keys[0]} over {keys[1]} (median of the rounds' ratios): "
+              f"{100 * (step_ratio - 1):+.1f}%" + ("" if args.control else " (goal: <= 3%)") + ". Python calls per "
+              f"step: {100 * (calls[keys[0]] / calls[keys[1]] - 1):+.1f}%. Whole process: "
+              f"{100 * (wall_ratio - 1):+.1f}% wall ({wall_diff:+.1f} s"
+              + ("" if args.control else ": validation, planner, data checks, adapter check, manifest hashes, plot")
+              + ")."]
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
 
