@@ -101,9 +101,18 @@ def tree(pid: int) -> list[tuple]:
     return [(p, start_time(p)) for p in [pid] + descendants(pid)]
 
 
-def alive(procs) -> list[int]:
+def alive(procs, grace_s: float = 10.0) -> list[int]:
+    """Those of `procs` (tree()) still running after up to grace_s: a process that is already on its
+    way out gets that long (multiprocessing's resource tracker outlives the stage by a moment to
+    unlink the shared memory PyTriton used, longer when the other test worker keeps both cores busy);
+    a server left behind is still there after it."""
     from nemo_ft.runtime.servers import alive as is_alive
-    return [p for p, started in procs if started is not None and is_alive(p, started)]
+    deadline = time.monotonic() + grace_s
+    while True:
+        left = [p for p, started in procs if started is not None and is_alive(p, started)]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
 
 
 class Served:
