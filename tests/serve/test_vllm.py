@@ -105,7 +105,7 @@ def test_merged_hf_without_lora_equals_the_lora_request_and_a_killed_server_fail
 
         served.refresh_pids()
         jobs = [("base", p) for p in prompts("lookup")] * 10
-        _, elapsed = load_killed_midway(served, lambda: client(served, lookup_export, timeout_s=10.0), jobs)
+        elapsed = load_killed_midway(served, lambda: client(served, lookup_export, timeout_s=10.0), jobs)
         assert elapsed < 60, f"clients took {elapsed:.0f} s to notice the dead server"
         served.proc.wait(timeout=60)
     out = served.output()
