@@ -96,7 +96,21 @@ def steps_per_s(times: list[float]) -> float:
     return 1 / statistics.median(b - a for a, b in zip(t, t[1:]))
 
 
-def side_by_side(cmds: dict, swap: bool) -> dict:
+def build_chunk_cache(tmp: Path):
+    """benchmarks/chunk_cache.c built into tmp (None without a C compiler): LD_PRELOADed into both
+    sides it counts CPython's 16 KiB data-stack chunk maps, and with CHUNK_CACHE=1 reuses them."""
+    import shutil
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        return None
+    lib = tmp / "chunk_cache.so"
+    subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(lib), str(REPO / "benchmarks/chunk_cache.c"),
+                    "-ldl", "-lpthread"], check=True)
+    return lib
+
+
+def side_by_side(cmds: dict, swap: bool, envs: dict = None) -> dict:
     """Start both sides at once, each pinned to a core of its own (each runs one thread), the cores
     swapped every other round: whatever else the machine does in that minute slows both alike, and
     neither keeps the busier core. Returns {side: wall seconds}."""
@@ -106,6 +120,7 @@ def side_by_side(cmds: dict, swap: bool) -> dict:
         core = {cores[(i + swap) % len(cores)]}
         logs[side] = tempfile.TemporaryFile(mode="w+")
         procs[side] = (subprocess.Popen(cmd, cwd=REPO, stdout=logs[side], stderr=subprocess.STDOUT,
+                                        env={**os.environ, **(envs or {}).get(side, {})},
                                         preexec_fn=lambda core=core: os.sched_setaffinity(0, core)), time.perf_counter())
     walls = {}
     while len(walls) < len(procs):
@@ -162,6 +177,9 @@ def main() -> None:
                     help="an extra Hydra override for the stage's side (to find what costs what)")
     ap.add_argument("--bare", help=argparse.SUPPRESS)  # run dir: the bare side, in its own process
     ap.add_argument("--calls", type=int, default=100, help="steps of the call count's shorter run (0: no count)")
+    ap.add_argument("--chunk-cache", action="store_true",
+                    help="both sides reuse CPython's 16 KiB data-stack chunks (benchmarks/chunk_cache.c, what "
+                         "CPython 3.13's fix for gh-142183 does): the overhead without the interpreter's artifact")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.bare:
@@ -170,18 +188,28 @@ def main() -> None:
     sides = ({"nemo-ft sft (A)": stage_side(py), "nemo-ft sft (B)": stage_side(py)} if args.control else
              {"nemo-ft sft" + "".join(f" {o}" for o in args.stage_override): stage_side(py, args.stage_override),
               "bare NeMo script": bare_side(py)})
-    out = Path(args.out or REPO / f"benchmarks/results/stage_overhead{'_control' if args.control else ''}.md")
+    suffix = ("_control" if args.control else "") + ("_chunk_cache" if args.chunk_cache else "")
+    out = Path(args.out or REPO / f"benchmarks/results/stage_overhead{suffix}.md")
     rows = {side: [] for side in sides}
+    chunk_maps = {side: [] for side in sides}
     with tempfile.TemporaryDirectory() as tmp:
+        lib = build_chunk_cache(Path(tmp))
+        if args.chunk_cache and lib is None:
+            sys.exit("--chunk-cache needs a C compiler (cc) to build benchmarks/chunk_cache.c")
         for r in range(args.rounds):
             dirs = {side: Path(tmp) / f"{i}_{r}" for i, side in enumerate(sides)}
+            envs = {side: {"LD_PRELOAD": str(lib), "CHUNK_CACHE": "1" if args.chunk_cache else "0",
+                           "CHUNK_CACHE_LOG": str(dirs[side]) + ".chunks"} for side in sides} if lib else {}
             walls = side_by_side({side: cmd(dirs[side], args.steps) for side, (cmd, _) in sides.items()},
-                                 swap=bool(r % 2))
+                                 swap=bool(r % 2), envs=envs)
             for side, (_, times) in sides.items():
                 t = times(dirs[side])
                 assert len(t) == args.steps, (side, len(t))
                 rows[side].append((steps_per_s(t), walls[side]))
-                print(f"round {r + 1} {side}: {rows[side][-1][0]:.2f} steps/s, {walls[side]:.1f} s wall", flush=True)
+                if lib:
+                    chunk_maps[side].append(int((Path(str(dirs[side]) + ".chunks")).read_text().split()[0]) / args.steps)
+                print(f"round {r + 1} {side}: {rows[side][-1][0]:.2f} steps/s, {walls[side]:.1f} s wall"
+                      + (f", {chunk_maps[side][-1]:.0f} data-stack chunk maps per step" if lib else ""), flush=True)
         calls = python_calls_per_step(sides, args.calls, Path(tmp)) if args.calls else {side: float('nan') for side in sides}
     import torch
     keys = list(rows)
@@ -195,13 +223,19 @@ def main() -> None:
              f"tiny base (hidden 128, 2 layers), LoRA on attention_qkv, micro batch 4, global batch 8, {args.steps} "
              f"steps, validation every {args.steps // 3}; steps/s = 1 / median step interval after {WARMUP} warm-up "
              f"steps; {args.rounds} rounds, the two sides at the same time, one pinned core each, cores swapped "
-             "every round. The tiny model's step "
+             "every round" + (" and both sides LD_PRELOAD benchmarks/chunk_cache.c with CHUNK_CACHE=1 (CPython's "
+                              "16 KiB data-stack chunks reused instead of mapped anew: CPython 3.13's fix for "
+                              "gh-142183)" if args.chunk_cache else "") + ". The tiny model's step "
              "is ~all overhead (~40 ms), so this is the worst case for the stage's share. Python calls per "
-             f"step: cProfile's count, ({2 * args.calls}-step run - {args.calls}-step run) / {args.calls}.\n",
-             "| side | steps/s, each round | wall s, each round | Python calls per step |", "|---|---|---|---|"]
+             f"step: cProfile's count, ({2 * args.calls}-step run - {args.calls}-step run) / {args.calls}. Chunk maps "
+             "per step: CPython's 16 KiB data-stack chunks mapped anew (counted by benchmarks/chunk_cache.c) over "
+             "the whole run / steps (gh-142183: mapped and unmapped on every call of a loop that lands on a chunk "
+             "boundary).\n",
+             "| side | steps/s, each round | wall s, each round | Python calls per step | chunk maps per step |",
+             "|---|---|---|---|---|"]
     for k, v in rows.items():
         lines.append(f"| {k} | {', '.join(f'{s:.2f}' for s, _ in v)} | {', '.join(f'{w:.1f}' for _, w in v)} "
-                     f"| {calls[k]:.0f} |")
+                     f"| {calls[k]:.0f} | {statistics.median(chunk_maps[k]) if chunk_maps[k] else float('nan'):.0f} |")
     lines += ["", f"Time per step, {keys[0]} over {keys[1]} (median of the rounds' ratios): "
               f"{100 * (step_ratio - 1):+.1f}%" + ("" if args.control else " (goal: <= 3%)") + ". Python calls per "
               f"step: {100 * (calls[keys[0]] / calls[keys[1]] - 1):+.1f}%. Whole process: "
