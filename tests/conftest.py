@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -79,10 +80,22 @@ def run_stage(stage: str, *overrides: str, nproc: int = 1, timeout: int = 600, c
                "-m", f"nemo_ft.stages.{stage}", *overrides]
     else:
         cmd = [sys.executable, "-m", f"nemo_ft.stages.{stage}", *overrides]
+    started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=timeout)
+    log_process(stage, nproc, started, proc.returncode)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def log_process(what: str, nproc: int, started: float, rc: int) -> None:
+    """With NEMO_FT_TEST_PROCESS_LOG=file, one JSON line per stage process a test starts (what, ranks,
+    seconds, exit code, test): where the suite's minutes go (a process's NeMo import alone is ~10 s)."""
+    path = os.environ.get("NEMO_FT_TEST_PROCESS_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"what": what, "nproc": nproc, "s": round(time.perf_counter() - started, 2), "rc": rc,
+                                "test": os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]}) + "\n")
 
 
 def _free_port() -> int:
@@ -253,7 +266,9 @@ def model_probe(tmp_path, base, mode, inputs, adapter=None, parallel="cpu", npro
     script = str(REPO / "tests" / "e2e" / "model_probe.py")
     cmd = [sys.executable, script, *args] if nproc == 1 else \
         [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(_free_port()), script, *args]
+    started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=300)
+    log_process(f"model_probe {mode}", nproc, started, proc.returncode)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
