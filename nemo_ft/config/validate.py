@@ -85,6 +85,19 @@ def check_parallel(cfg) -> Iterable[ConfigError]:
                           f"= {mbs} x {dp} = {mbs * dp}")
 
 
+def check_steps(cfg) -> Iterable[ConfigError]:
+    """Lightning refuses these only when the Trainer is built, with a traceback."""
+    steps = OmegaConf.select(cfg, "trainer.max_steps")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        yield ConfigError("trainer.max_steps", f"{steps!r} must be a whole number of optimizer steps >= 1 (NeMo's "
+                                               "SFT sampler sizes the epoch from it; -1, run by epochs, is not supported)")
+    vci = OmegaConf.select(cfg, "trainer.val_check_interval")
+    if vci is not None and (isinstance(vci, bool) or not isinstance(vci, (int, float)) or vci <= 0
+                            or (isinstance(vci, float) and vci > 1)):
+        yield ConfigError("trainer.val_check_interval", f"{vci!r} must be a step count >= 1 or a fraction of an epoch "
+                                                        "in (0, 1]")
+
+
 def _check_recompute(cfg, layers_per_stage) -> Iterable[ConfigError]:
     """Activation checkpointing as megatron-core's TransformerConfig accepts it, said before the model
     is built: granularity full (method uniform|block, 1..layers-per-stage layers) or selective (no
@@ -424,7 +437,7 @@ def check_adapter_layout(cfg, key: str = "model.peft.restore_from_path") -> Iter
 def validate_sft(cfg: DictConfig, skip=frozenset()) -> list[ConfigError | InputError]:
     """Every SFT check; `skip` = keys whose .nemo already failed its safety check (not read again)."""
     errors: list = []
-    checks = [check_parallel, check_peft, check_stack, check_data, check_prep_provenance]
+    checks = [check_steps, check_parallel, check_peft, check_stack, check_data, check_prep_provenance]
     if "model.restore_from_path" not in skip:
         checks.insert(0, check_restore)
     if "model.peft.restore_from_path" not in skip:

@@ -9,6 +9,8 @@ CASES = [
      "does not divide num_attention_heads=4"),
     (["parallel=cpu_tp2"], "trainer.devices", "launcher"),  # tp2 profile wants 2 ranks, none launched
     (["model.global_batch_size=6"], "model.global_batch_size", "multiple of micro_batch_size"),
+    (["trainer.max_steps=-5"], "trainer.max_steps", "-5 must be a whole number of optimizer steps >= 1"),
+    (["trainer.val_check_interval=0"], "trainer.val_check_interval", "0 must be a step count >= 1"),
     (["model.optim.name=distributed_fused_adam"], "model.optim.name", "PEFT"),
     (["model.data.train_ds.file_names=[/nonexistent/train.jsonl]"], "model.data.train_ds.file_names",
      "file not found: /nonexistent/train.jsonl"),
