@@ -80,12 +80,32 @@ def run_stage(stage: str, *overrides: str, nproc: int = 1, timeout: int = 600, c
                "-m", f"nemo_ft.stages.{stage}", *overrides]
     else:
         cmd = [sys.executable, "-m", f"nemo_ft.stages.{stage}", *overrides]
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=timeout)
+    started, pre = time.perf_counter(), preloaded() if nproc == 1 else None
+    proc = (pre.run(cmd, module=f"nemo_ft.stages.{stage}", args=overrides, cwd=REPO, env=stage_env(), timeout=timeout)
+            if pre else subprocess.run(cmd, cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=timeout))
     log_process(stage, nproc, started, proc.returncode)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+_preloaded = []
+
+
+def preloaded():
+    """tests/preloaded.py's server for this pytest process (started on first use), or None with
+    NEMO_FT_TEST_PRELOAD=0: single-process stage runs fork from a process that has imported torch and
+    nemo.utils instead of importing them again (~7 s of CPU each)."""
+    if os.environ.get("NEMO_FT_TEST_PRELOAD", "1") == "0":
+        return None
+    if not _preloaded:
+        import atexit
+
+        from tests.preloaded import Preloaded
+
+        _preloaded.append(Preloaded(REPO, stage_env()))
+        atexit.register(_preloaded[0].close)
+    return _preloaded[0]
 
 
 def log_process(what: str, nproc: int, started: float, rc: int) -> None:
@@ -266,8 +286,9 @@ def model_probe(tmp_path, base, mode, inputs, adapter=None, parallel="cpu", npro
     script = str(REPO / "tests" / "e2e" / "model_probe.py")
     cmd = [sys.executable, script, *args] if nproc == 1 else \
         [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(_free_port()), script, *args]
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=300)
+    started, pre = time.perf_counter(), preloaded() if nproc == 1 else None
+    proc = (pre.run(cmd, script=script, args=args, cwd=REPO, env=stage_env(), timeout=300) if pre else
+            subprocess.run(cmd, cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=300))
     log_process(f"model_probe {mode}", nproc, started, proc.returncode)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
