@@ -1,5 +1,6 @@
-"""Shared test helpers: run stages the way users do (a subprocess, torchrun for several ranks), run
-prep in-process, read what stages wrote. Test files import these from here, never from each other.
+"""Shared test helpers: run stages the way users do (a process of their own, forked from
+tests/preloaded.py; torchrun for several ranks), run prep in-process, read what stages wrote.
+Test files import these from here, never from each other.
 
 Tests are laid out by what they need, and marked by their folder:
   pure/  seconds, no NeMo (`make test-fast`)    nemo/   imports NeMo or runs a stage's checks, CPU
@@ -75,18 +76,33 @@ def stage_env() -> dict:
 
 
 def run_stage(stage: str, *overrides: str, nproc: int = 1, timeout: int = 600, check: bool = True):
-    if nproc > 1:
-        cmd = [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(_free_port()),
-               "-m", f"nemo_ft.stages.{stage}", *overrides]
-    else:
-        cmd = [sys.executable, "-m", f"nemo_ft.stages.{stage}", *overrides]
-    started, pre = time.perf_counter(), preloaded() if nproc == 1 else None
-    proc = (pre.run(cmd, module=f"nemo_ft.stages.{stage}", args=overrides, cwd=REPO, env=stage_env(), timeout=timeout)
-            if pre else subprocess.run(cmd, cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=timeout))
+    started = time.perf_counter()
+    proc = start_process({"module": f"nemo_ft.stages.{stage}"}, overrides, nproc, timeout)
     log_process(stage, nproc, started, proc.returncode)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(f"{' '.join(proc.args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def start_process(target: dict, args, nproc: int, timeout: float) -> subprocess.CompletedProcess:
+    """`python -m <module>` or `python <script>` ({"module": ...} or {"script": ...}) with args, in one
+    process or under torchrun with nproc ranks, run to its end with its output captured; each process
+    (each rank) a fork of tests/preloaded.py's server unless NEMO_FT_TEST_PRELOAD=0."""
+    (kind, name), pre, env = next(iter(target.items())), preloaded(), stage_env()
+    entry = ["-m", name] if kind == "module" else [name]
+    if nproc > 1:
+        torchrun = [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(_free_port())]
+        if pre:
+            from tests.preloaded import SOCKET_ENV
+
+            env[SOCKET_ENV] = pre.path
+            entry = [str(REPO / "tests" / "preloaded.py"), f"{kind}:{name}"]  # the rank client
+        return subprocess.run([*torchrun, *entry, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    cmd = [sys.executable, *entry, *args]
+    if pre:
+        return pre.run(cmd, **target, args=args, cwd=REPO, env=env, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 _preloaded = []
@@ -94,8 +110,8 @@ _preloaded = []
 
 def preloaded():
     """tests/preloaded.py's server for this pytest process (started on first use), or None with
-    NEMO_FT_TEST_PRELOAD=0: single-process stage runs fork from a process that has imported torch and
-    nemo.utils instead of importing them again (~7 s of CPU each)."""
+    NEMO_FT_TEST_PRELOAD=0: stage runs (and torchrun's ranks) fork from a process that has imported
+    torch and nemo.utils instead of importing them again (~7 s of CPU each)."""
     if os.environ.get("NEMO_FT_TEST_PRELOAD", "1") == "0":
         return None
     if not _preloaded:
@@ -284,11 +300,8 @@ def model_probe(tmp_path, base, mode, inputs, adapter=None, parallel="cpu", npro
     if adapter:
         args += ["--adapter", str(adapter)]
     script = str(REPO / "tests" / "e2e" / "model_probe.py")
-    cmd = [sys.executable, script, *args] if nproc == 1 else \
-        [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(_free_port()), script, *args]
-    started, pre = time.perf_counter(), preloaded() if nproc == 1 else None
-    proc = (pre.run(cmd, script=script, args=args, cwd=REPO, env=stage_env(), timeout=300) if pre else
-            subprocess.run(cmd, cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=300))
+    started = time.perf_counter()
+    proc = start_process({"script": script}, args, nproc, 300)
     log_process(f"model_probe {mode}", nproc, started, proc.returncode)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
