@@ -29,12 +29,14 @@ FOLDER_MARKS = ("pure", "nemo", "e2e", "slurm", "serve")
 # module fixtures are built once), except these folders, each one unit: the SLURM tests share one
 # small cluster (two files at once would queue behind each other's jobs) and the serve tests' servers
 # are the largest processes of the suite. Units start longest first (minutes, one process, measured
-# 2026-12-02: 6.9 5.0 4.9 4.0 3.9 3.3 2.8; the whole suite 40), so neither worker is left with a long
-# one at the end; the rest follow in collection order. One of the lookup_pipeline users (dpo) comes
-# early: the others then find it built instead of waiting on its lock.
+# 2026-12-03 with tests/preloaded.py: serve 4.8, export 4.7, slurm 4.9, then 4.2 3.9 3.0 2.5; the whole
+# suite 35), so neither worker is left with a long one at the end, slurm third so that its jobs and
+# the serve tests' servers do not start side by side; the rest follow in collection order. Whichever
+# unit first needs a built_once fixture (lookup_pipeline: serve, then dpo, reinforce, ...) builds it;
+# the others wait on its lock or find it built.
 ONE_UNIT = ("tests/slurm", "tests/serve")
-LONGEST_FIRST = ("tests/e2e/test_export.py", "tests/serve", "tests/e2e/test_sft.py", "tests/e2e/test_dpo.py",
-                 "tests/slurm", "tests/e2e/test_parallel.py", "tests/e2e/test_reinforce.py")
+LONGEST_FIRST = ("tests/serve", "tests/e2e/test_export.py", "tests/slurm", "tests/e2e/test_parallel.py",
+                 "tests/e2e/test_sft.py", "tests/e2e/test_dpo.py", "tests/e2e/test_reinforce.py")
 
 
 def xdist_scope(nodeid: str) -> str:
