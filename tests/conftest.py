@@ -95,9 +95,9 @@ def start_process(target: dict, args, nproc: int, timeout: float) -> subprocess.
     if nproc > 1:
         torchrun = [str(VENV_BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(_free_port())]
         if pre:
-            from tests.preloaded import SOCKET_ENV
+            from tests.preloaded import OTHER_RANKS_SOCKET_ENV, SOCKET_ENV
 
-            env[SOCKET_ENV] = pre.path
+            env[SOCKET_ENV], env[OTHER_RANKS_SOCKET_ENV] = pre.path, preloaded(other_ranks=True).path
             entry = [str(REPO / "tests" / "preloaded.py"), f"{kind}:{name}"]  # the rank client
         return subprocess.run([*torchrun, *entry, *args], cwd=REPO, env=env, capture_output=True, text=True,
                               timeout=timeout)
@@ -107,23 +107,26 @@ def start_process(target: dict, args, nproc: int, timeout: float) -> subprocess.
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-_preloaded = []
+_preloaded = {}
 
 
-def preloaded():
-    """tests/preloaded.py's server for this pytest process (started on first use), or None with
-    NEMO_FT_TEST_PRELOAD=0: stage runs (and torchrun's ranks) fork from a process that has imported
-    torch and nemo.utils instead of importing them again (~7 s of CPU each)."""
+def preloaded(other_ranks: bool = False):
+    """tests/preloaded.py's server for this pytest process (started on first use; again if it died), or
+    None with NEMO_FT_TEST_PRELOAD=0: stage runs (and torchrun's ranks) fork from a process that has
+    imported torch and nemo.utils instead of importing them again (~7 s of CPU each). other_ranks: the
+    one that imported them as RANK=1, for torchrun's ranks but rank 0."""
     if os.environ.get("NEMO_FT_TEST_PRELOAD", "1") == "0":
         return None
-    if not _preloaded:
+    server = _preloaded.get(other_ranks)
+    if server is None or server.proc.poll() is not None:
         import atexit
 
         from tests.preloaded import Preloaded
 
-        _preloaded.append(Preloaded(REPO, stage_env()))
-        atexit.register(_preloaded[0].close)
-    return _preloaded[0]
+        server = _preloaded[other_ranks] = Preloaded(REPO, {**stage_env(), **({"RANK": "1", "LOCAL_RANK": "1"}
+                                                                             if other_ranks else {})})
+        atexit.register(server.close)
+    return server
 
 
 def log_process(what: str, nproc: int, started: float, rc: int) -> None:

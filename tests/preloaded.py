@@ -11,15 +11,23 @@ its Hydra entry point and everything NeMo imports after `nemo.utils` run in the 
 a fresh process runs them: `lifecycle.start` imports torch (the input checks) and then `nemo.utils`
 (quiet_nemo) before any runtime patch, so preloading exactly those two changes nothing a patch sees.
 What differs: warnings printed while importing them go to this process's stderr, not the run's;
-environment variables torch or Lightning read at import are this process's (stage_env(), the same
-for every run); the child's parent is this server, not the caller.
+environment variables read at import are this server's; numpy's global RNG is reseeded in each
+fork (a fresh process seeds it from the OS) but the str hash seed is the server's; the fork's
+parent is this server, not the caller.
+
+What the imports decide from the environment is rank-dependent (NeMo's logger keeps its stream
+handlers only on global rank 0, Lightning's rank_zero_only.rank is read from RANK), so there are two
+servers: one started as rank 0 (stage_env()) for single-process runs and torchrun's rank 0, one
+started as RANK=1 for torchrun's other ranks. What the imports add to the environment
+(Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1) is added to each run's, as in a fresh process.
 
 Ranks under torchrun run `tests/preloaded.py module:<name> args...` (the `rank` client below): it
-hands its environment (torchrun's RANK, WORLD_SIZE, MASTER_PORT, ...) and stdio to a fork, passes
-on the signals torchrun sends, and exits with the fork's code. If a client dies (torchrun's SIGKILL,
-a test's timeout), the server kills its fork: no rank outlives its launcher. Runs a test signals or
-kills itself, servers and sbatch jobs are fresh processes, as before. NEMO_FT_TEST_PRELOAD=0 turns
-this off (every run a fresh process).
+hands its environment (torchrun's RANK, WORLD_SIZE, MASTER_PORT, ...) and stdio to a fork in a
+session of its own, passes the signals torchrun sends on to that session, and exits with the fork's
+code. A client dies with torchrun (PDEATHSIG), a fork with its server, and the server kills a fork
+whose client is gone (torchrun's SIGKILL, a test's timeout): no rank outlives its launcher. Runs a
+test signals or kills itself, servers and sbatch jobs are fresh processes, as before.
+NEMO_FT_TEST_PRELOAD=0 turns this off (every run a fresh process).
 
 Protocol: a SOCK_SEQPACKET Unix socket; one JSON message per request with the three stdio file
 descriptors attached; the replies are {"pid": ...} when the fork starts and {"code": exit code}
@@ -32,17 +40,33 @@ import socket
 import sys
 
 PRELOAD = ("torch", "nemo.utils")
-SOCKET_ENV = "NEMO_FT_TEST_PRELOAD_SOCKET"  # where clients find the server (set by tests/conftest.stage_env)
+# where rank clients find the servers: rank 0's, and the other ranks' (set by tests/conftest.start_process)
+SOCKET_ENV, OTHER_RANKS_SOCKET_ENV = "NEMO_FT_TEST_PRELOAD_SOCKET", "NEMO_FT_TEST_PRELOAD_SOCKET_RANKS"
 MAX_MSG = 1 << 20
+PR_SET_PDEATHSIG = 1
 
 
-def _child(req: dict, fds: list) -> None:
-    os.chdir(req["cwd"])
-    os.environ.clear()
-    os.environ.update(req["env"])
+def _die_with_parent(sig: int, parent: int) -> None:
+    import ctypes
+
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, sig)
+    if os.getppid() != parent:  # it died before prctl
+        os.kill(os.getpid(), sig)
+
+
+def _child(req: dict, fds: list, server: int, added_env: dict) -> None:
+    _die_with_parent(signal.SIGKILL, server)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
+    if req.get("session"):
+        os.setsid()  # the client signals this fork's group, as torchrun signals a fresh rank's
+    os.chdir(req["cwd"])
+    os.environ.clear()
+    os.environ.update({**req["env"], **added_env})  # what the imports set (unconditionally: Lightning, torch)
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()  # from the OS, as a fresh process's numpy does
     import runpy
 
     if req.get("module"):
@@ -69,9 +93,13 @@ def serve(path: str) -> None:
     import importlib
     import selectors
 
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: gone with the pytest process that started it
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)  # gone with the pytest process that started it
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # through the finally below: the forks go too
+    before = dict(os.environ)
     for name in PRELOAD:
         importlib.import_module(name)
+    added_env = {k: v for k, v in os.environ.items() if before.get(k) != v}
+    server = os.getpid()
     # A fork copies only the calling thread. The one other thread these imports start is jemalloc's
     # background purger (pyarrow's allocator), which jemalloc's own fork handlers reset in the child.
     threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
@@ -89,24 +117,31 @@ def serve(path: str) -> None:
             for key, _ in sel.select(timeout=0.05):
                 if key.fileobj is listener:
                     conn, _ = listener.accept()
-                    msg, fds, _, _ = socket.recv_fds(conn, MAX_MSG, 3)
-                    if not msg:  # connected and gone
+                    fds = []
+                    try:
+                        msg, fds, _, _ = socket.recv_fds(conn, MAX_MSG, 3)
+                        req = json.loads(msg) if msg else None
+                        if req is None or req.get("stop"):  # connected and gone, or close()
+                            conn.close()
+                            if req is None:
+                                continue
+                            return
+                        pid = os.fork()
+                    except Exception as err:  # this request fails, not the server and the other runs
+                        _send(conn, {"error": f"{type(err).__name__}: {err}"})
                         conn.close()
                         continue
-                    req = json.loads(msg)
-                    if req.get("stop"):
-                        conn.close()
-                        return
-                    pid = os.fork()
+                    finally:
+                        if os.getpid() == server:
+                            for fd in fds:
+                                os.close(fd)
                     if pid == 0:
                         sel.close()
                         listener.close()
                         for c in (*children.values(), conn):
                             c.close()
                         children.clear()  # not this fork's to kill in the finally below, on its way out
-                        _child(req, fds)  # never returns
-                    for fd in fds:
-                        os.close(fd)
+                        _child(req, fds, server, added_env)  # never returns
                     children[pid] = conn
                     _send(conn, {"pid": pid})
                     sel.register(conn, selectors.EVENT_READ)
@@ -134,19 +169,30 @@ def _request(path: str, req: dict, fds: list):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     s.connect(path)
     socket.send_fds(s, [json.dumps(req).encode()], fds)
-    reply = s.recv(MAX_MSG)
-    if not reply:
-        raise RuntimeError("tests/preloaded.py's server closed the connection (it died?)")
-    return s, json.loads(reply)["pid"]
+    reply = json.loads(s.recv(MAX_MSG) or b'{"error": "the server closed the connection (it died?)"}')
+    if "error" in reply:
+        s.close()
+        raise RuntimeError(f"tests/preloaded.py could not start the run: {reply['error']}")
+    return s, reply["pid"]
+
+
+def _signal(pid: int, sig: int, group: bool = False) -> None:
+    try:
+        os.killpg(pid, sig) if group else os.kill(pid, sig)
+    except ProcessLookupError:  # it has just ended
+        pass
 
 
 def rank(argv: list) -> None:
     """`tests/preloaded.py module:<name>|script:<path> args...` as torchrun's worker: one rank, forked."""
+    _die_with_parent(signal.SIGKILL, os.getppid())  # with torchrun: then the server kills the fork
     kind, _, name = argv[0].partition(":")
-    s, pid = _request(os.environ[SOCKET_ENV], {kind: name, "args": argv[1:], "cwd": os.getcwd(),
-                                               "env": dict(os.environ)}, [0, 1, 2])
+    path = os.environ[SOCKET_ENV if os.environ.get("RANK", "0") == "0" else OTHER_RANKS_SOCKET_ENV]
+    s, pid = _request(path, {kind: name, "args": argv[1:], "cwd": os.getcwd(), "env": dict(os.environ),
+                             "session": True}, [0, 1, 2])
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, lambda signum, _frame: os.kill(pid, signum))  # torchrun stops its workers with these
+        # torchrun stops its workers with these, to their process group
+        signal.signal(sig, lambda signum, _frame: _signal(pid, signum, group=True))
     reply = s.recv(MAX_MSG)  # retried after a signal handler runs (PEP 475)
     code = json.loads(reply)["code"] if reply else 1
     if code < 0:  # killed by a signal: end the same way, so torchrun sees what a fresh rank would show
@@ -192,7 +238,7 @@ class Preloaded:
                 try:
                     reply = s.recv(MAX_MSG)
                 except TimeoutError:
-                    os.kill(pid, signal.SIGKILL)
+                    _signal(pid, signal.SIGKILL)
                     raise subprocess.TimeoutExpired(cmd, timeout, _read(out), _read(err)) from None
             if not reply:
                 raise RuntimeError(f"tests/preloaded.py died: {_read(self.log)[-3000:]}")
