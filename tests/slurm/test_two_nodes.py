@@ -141,7 +141,9 @@ def test_signal_reaches_the_tasks_inside_srun_on_both_nodes_and_the_job_requeues
     assert sorted((r, host, sig) for r, host, sig, _, _ in got) == [("0", "nemoft-n1", "SIGUSR1"),
                                                                       ("1", "nemoft-n2", "SIGUSR1")], first[-3000:]
     assert all(pid == waiting[r] and step == "0" for r, _, _, pid, step in got)
-    assert f"(exit 75; 75: checkpointed): requeueing job {job_id}" in first
+    # srun's status: 75, or 143 when one task's 75 reached srun first and --kill-on-bad-exit stopped the
+    # other as it was exiting (seen once on a loaded machine); _launch.sh requeues on either.
+    assert re.search(rf"\(exit (75|143); 75: checkpointed\): requeueing job {job_id}", first), first[-3000:]
     assert rerun.count("restart 1: resumed, done") == 2
 
 
