@@ -131,7 +131,7 @@ def preloaded(other_ranks: bool = False):
 
 def log_process(what: str, nproc: int, started: float, rc: int) -> None:
     """With NEMO_FT_TEST_PROCESS_LOG=file, one JSON line per stage process a test starts (what, ranks,
-    seconds, exit code, test): where the suite's minutes go (a process's NeMo import alone is ~10 s)."""
+    seconds, exit code, test): where the suite's minutes go (a fresh one spends ~7 s of CPU importing)."""
     path = os.environ.get("NEMO_FT_TEST_PROCESS_LOG")
     if path:
         with open(path, "a") as f:
@@ -228,7 +228,6 @@ def signal_mid_run(stage: str, *overrides: str, ready, sig: str, log: Path, star
     to end. Output goes to `log`, a file: a pipe nobody reads fills up and blocks the stage.
     Returns (exit code, output, seconds from the signal to the end)."""
     import signal
-    import time
 
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "-m", f"nemo_ft.stages.{stage}", *overrides], cwd=REPO,
